@@ -1,0 +1,422 @@
+"""The config schema, its validation, and how configs are found and loaded.
+
+Configs are `ml_collections.ConfigDict`s written as data in `configs/*.py`; every config
+file starts from `base_config()` here, so every knob has exactly one name and one default,
+and every knob can be overridden from the command line (`--config.model.num_layers=4`).
+Nothing else in crystal imports `configs/` directly.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import ml_collections
+
+# The 18 StarCoder special tokens, in id order after the base vocabulary (llm360.md).
+STARCODER_SPECIAL_TOKENS = (
+    "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>", "<gh_stars>",
+    "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>",
+    "<jupyter_code>", "<jupyter_output>", "<empty_output>", "<commit_before>", "<commit_msg>",
+    "<commit_after>", "<reponame>",
+)
+
+NORM_TYPES = ("rmsnorm", "layernorm")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ROTARY_PAIRINGS = ("half", "interleaved")
+SCHEDULE_KINDS = ("linear", "cosine")
+WD_MASKS = ("matrices", "all")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field."""
+
+
+def _stage(steps=100, warmup=10, peak_lr=1e-3, end_lr=1e-4, decay_steps=0, kind="linear"):
+    return ml_collections.ConfigDict(dict(
+        steps=steps,                 # optimizer steps trained in this stage
+        init="previous",             # 'previous' stage's final checkpoint, or 'scratch'
+        reset_optimizer=False,       # keep Adam moments across the stage boundary
+        schedule=dict(
+            kind=kind,               # 'linear' (CrystalCoder) or 'cosine' (Amber)
+            warmup_steps=warmup,     # linear warmup from 0 to peak_lr
+            peak_lr=peak_lr,         # base LR; muP hidden matrices get x width scale
+            end_lr=end_lr,           # the LR the decay line aims at ...
+            decay_steps=decay_steps, # ... after this many post-warmup steps (0: the stage's)
+        ),
+        # name -> {groups: comma-separated fnmatch patterns of data groups, weight,
+        #          epochs, fim_rate}; filled in by each config file.
+        mixture=ml_collections.ConfigDict(),
+    ))
+
+
+def mixture_component(groups: str, weight: float, epochs: int = 1, fim_rate: float = 0.0):
+    return ml_collections.ConfigDict(dict(groups=groups, weight=weight, epochs=epochs,
+                                          fim_rate=fim_rate))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field crystal reads, with its default. Config files override values only."""
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=2048,          # embedding rows (tokenizer vocab + specials, padded)
+        d_model=128,
+        num_layers=2,
+        num_heads=4,
+        ffn_dim=344,              # SwiGLU hidden size
+        max_seq_len=128,
+        norm="rmsnorm",           # 'rmsnorm' | 'layernorm'
+        norm_eps=1e-6,
+        norm_bias=False,          # LayerNorm bias
+        qkv_bias=False,
+        out_bias=False,           # attention output projection bias
+        ffn_bias=False,           # biases of the three FFN projections
+        rotary_fraction=1.0,      # share of head dims that get RoPE, in (0, 1]
+        rotary_base=10000.0,
+        rotary_pairing="half",    # 'half' (rotate-half, HF) | 'interleaved' (GPT-J)
+        tie_embeddings=False,
+        init_std=0.02,            # SP init std; under muP the base-width std
+        compute_dtype="float32",  # activations; params stay param_dtype
+        param_dtype="float32",
+        remat="none",
+        scan_layers=True,
+        segment_mask=False,       # document-aware attention for packed sequences
+    ))
+
+    c.mup = ml_collections.ConfigDict(dict(
+        enabled=False,
+        base_width=256,
+        embedding_multiplier=1.0,  # embedding output x this
+        output_alpha=1.0,          # logits x output_alpha x (base_width / d_model)
+    ))
+
+    c.tokenizer = ml_collections.ConfigDict(dict(
+        vocab_size=2000,          # sentencepiece base vocabulary (LLaMA: 32000)
+        model_path="",            # existing LLaMA-style tokenizer.model; '' trains one
+        special_tokens=(),        # appended right after the base vocabulary
+        train_max_sentences=200_000,
+        character_coverage=0.9995,
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        input="",                 # folder of source files; '' = the bundled sample corpus
+        seq_len=128,              # tokens per training example (samples hold seq_len + 1)
+        num_chunks=8,             # numbered chunks per data group (LLM360: 360)
+        val_fraction=0.02,        # held-out share of sequences per group
+        min_val_sequences=1,
+        workers=2,                # tokenizer processes
+        on_bad_record="fail",     # 'fail' | 'skip'
+        loader_workers=0,         # grain worker processes (0: in-process)
+        loader_prefetch=2,
+    ))
+
+    c.stages = ml_collections.ConfigDict()
+
+    c.optim = ml_collections.ConfigDict(dict(
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        wd_mask="matrices",       # 'matrices' (no decay on norms/biases) | 'all' (Amber)
+        clip_norm=1.0,
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        global_batch_size=16,     # sequences per optimizer step
+        grad_accum=1,             # micro-batches per step
+        stage=0,                  # 0: every stage in order; N: from stage N
+        log_every=1,
+        eval_every=0,             # 0: at stage ends only
+        eval_batches=4,
+        max_bad_steps=3,          # NaN/Inf steps in the window before a rollback
+        bad_step_window=20,
+        spike_zscore=6.0,
+        spike_window=50,
+        progress=True,
+    ))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=50,           # rolling checkpoints
+        keep_recent=3,
+        release_per_chunk=True,   # permanent checkpoint at every data-chunk boundary
+        async_save=True,
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(
+        preset="",                # '' | 'gpu' | 'tpu' | 'wafer'
+        data=1,
+        fsdp=1,
+        tensor=1,
+        # logical axis -> mesh axes (comma-separated; '' replicates)
+        rules=ml_collections.ConfigDict(dict(
+            batch="data,fsdp", vocab="tensor", embed="fsdp", heads="tensor",
+            head_dim="", mlp="tensor", layers="", length="", norm="",
+        )),
+    ))
+
+    c.metrics = ml_collections.ConfigDict(dict(
+        tensorboard=True,
+        wandb=False,
+        wandb_mode="offline",
+        wandb_project="crystal",
+        plot=True,
+    ))
+    return c
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _fail(field: str, msg: str):
+    raise ConfigError(f"config field {field}: {msg}")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks the values a run depends on; raises ConfigError naming the field."""
+    m = c.model
+    for f in ("vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim", "max_seq_len"):
+        v = m[f]
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            _fail(f"model.{f}", f"must be a positive integer, got {v!r}")
+    if m.d_model % m.num_heads:
+        _fail("model.num_heads", f"{m.num_heads} heads do not divide d_model={m.d_model}")
+    if m.norm not in NORM_TYPES:
+        _fail("model.norm", f"unknown norm type {m.norm!r}; expected one of {NORM_TYPES}")
+    if not m.norm_eps > 0:
+        _fail("model.norm_eps", f"must be > 0, got {m.norm_eps!r}")
+    if m.norm_bias and m.norm != "layernorm":
+        _fail("model.norm_bias", "only LayerNorm has a bias")
+    if not (0.0 < m.rotary_fraction <= 1.0):
+        _fail("model.rotary_fraction", f"must be in (0, 1], got {m.rotary_fraction!r}")
+    head_dim = m.d_model // m.num_heads
+    rot = rotary_dims(c)
+    if abs(rot - m.rotary_fraction * head_dim) > 1e-6 or rot % 2:
+        _fail("model.rotary_fraction",
+              f"{m.rotary_fraction} x head_dim {head_dim} = {m.rotary_fraction * head_dim:g} "
+              "rotary dims; must be an even integer")
+    if m.rotary_pairing not in ROTARY_PAIRINGS:
+        _fail("model.rotary_pairing", f"unknown pairing {m.rotary_pairing!r}; "
+              f"expected one of {ROTARY_PAIRINGS}")
+    if not m.rotary_base > 0:
+        _fail("model.rotary_base", f"must be > 0, got {m.rotary_base!r}")
+    for f in ("compute_dtype", "param_dtype"):
+        if m[f] not in DTYPES:
+            _fail(f"model.{f}", f"unknown dtype {m[f]!r}; expected one of {DTYPES}")
+    if m.param_dtype != "float32":
+        _fail("model.param_dtype", "master params are float32 (optimizer precision)")
+    if m.remat not in REMAT_POLICIES:
+        _fail("model.remat", f"unknown policy {m.remat!r}; expected one of {REMAT_POLICIES}")
+    if not m.init_std > 0:
+        _fail("model.init_std", f"must be > 0, got {m.init_std!r}")
+
+    if c.mup.enabled:
+        if not isinstance(c.mup.base_width, int) or c.mup.base_width <= 0:
+            _fail("mup.base_width", f"must be a positive integer, got {c.mup.base_width!r}")
+        for f in ("embedding_multiplier", "output_alpha"):
+            if not c.mup[f] > 0:
+                _fail(f"mup.{f}", f"must be > 0, got {c.mup[f]!r}")
+
+    t = c.tokenizer
+    if not isinstance(t.vocab_size, int) or t.vocab_size <= 3:
+        _fail("tokenizer.vocab_size", f"must be an integer > 3, got {t.vocab_size!r}")
+    if len(set(t.special_tokens)) != len(t.special_tokens):
+        _fail("tokenizer.special_tokens", "duplicate special tokens")
+    if t.vocab_size + len(t.special_tokens) > m.vocab_size:
+        _fail("model.vocab_size", f"{m.vocab_size} rows cannot hold {t.vocab_size} tokens "
+              f"+ {len(t.special_tokens)} specials")
+
+    d = c.data
+    for f in ("seq_len", "num_chunks", "workers"):
+        if not isinstance(d[f], int) or d[f] <= 0:
+            _fail(f"data.{f}", f"must be a positive integer, got {d[f]!r}")
+    if d.seq_len > m.max_seq_len:
+        _fail("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if not (0.0 <= d.val_fraction < 1.0):
+        _fail("data.val_fraction", f"must be in [0, 1), got {d.val_fraction!r}")
+    if d.on_bad_record not in ("fail", "skip"):
+        _fail("data.on_bad_record", f"must be 'fail' or 'skip', got {d.on_bad_record!r}")
+
+    for k in ("b1", "b2"):
+        if not (0.0 <= c.optim[k] < 1.0):
+            _fail(f"optim.{k}", f"must be in [0, 1), got {c.optim[k]!r}")
+    if not c.optim.eps > 0:
+        _fail("optim.eps", f"must be > 0, got {c.optim.eps!r}")
+    if c.optim.weight_decay < 0:
+        _fail("optim.weight_decay", f"must be >= 0, got {c.optim.weight_decay!r}")
+    if c.optim.wd_mask not in WD_MASKS:
+        _fail("optim.wd_mask", f"must be one of {WD_MASKS}, got {c.optim.wd_mask!r}")
+
+    tr = c.train
+    for f in ("global_batch_size", "grad_accum"):
+        if not isinstance(tr[f], int) or tr[f] <= 0:
+            _fail(f"train.{f}", f"must be a positive integer, got {tr[f]!r}")
+    if tr.global_batch_size % tr.grad_accum:
+        _fail("train.grad_accum", f"{tr.grad_accum} micro-batches do not divide "
+              f"global_batch_size={tr.global_batch_size}")
+
+    if not len(c.stages):
+        _fail("stages", "at least one stage is required")
+    for i, name in enumerate(stage_names(c), start=1):
+        if name != f"stage_{i}":
+            _fail(f"stages.{name}", f"stages must be named stage_1 .. stage_N in order")
+        s = c.stages[name]
+        p = f"stages.{name}"
+        if not isinstance(s.steps, int) or s.steps <= 0:
+            _fail(f"{p}.steps", f"must be a positive integer, got {s.steps!r}")
+        if s.init not in ("previous", "scratch"):
+            _fail(f"{p}.init", f"must be 'previous' or 'scratch', got {s.init!r}")
+        sc = s.schedule
+        if sc.kind not in SCHEDULE_KINDS:
+            _fail(f"{p}.schedule.kind", f"must be one of {SCHEDULE_KINDS}, got {sc.kind!r}")
+        if sc.warmup_steps < 0 or sc.decay_steps < 0:
+            _fail(f"{p}.schedule", "warmup_steps and decay_steps must be >= 0")
+        if not sc.peak_lr > 0 or sc.end_lr < 0:
+            _fail(f"{p}.schedule.peak_lr", "peak_lr must be > 0 and end_lr >= 0")
+        if not len(s.mixture):
+            _fail(f"{p}.mixture", "a stage needs at least one mixture component")
+        for cname, comp in s.mixture.items():
+            q = f"{p}.mixture.{cname}"
+            if not comp.groups:
+                _fail(f"{q}.groups", "no data groups named")
+            if not comp.weight > 0:
+                _fail(f"{q}.weight", f"must be > 0, got {comp.weight!r}")
+            if not isinstance(comp.epochs, int) or comp.epochs <= 0:
+                _fail(f"{q}.epochs", f"must be a positive integer, got {comp.epochs!r}")
+            if not (0.0 <= comp.fim_rate <= 1.0):
+                _fail(f"{q}.fim_rate", f"must be in [0, 1], got {comp.fim_rate!r}")
+            if comp.fim_rate > 0 and "<fim_prefix>" not in t.special_tokens:
+                _fail(f"{q}.fim_rate", "FIM needs the StarCoder special tokens in "
+                      "tokenizer.special_tokens")
+    if not (0 <= tr.stage <= len(c.stages)):
+        _fail("train.stage", f"must be 0 (all) or 1..{len(c.stages)}, got {tr.stage!r}")
+
+    mesh = c.mesh
+    for f in ("data", "fsdp", "tensor"):
+        if not isinstance(mesh[f], int) or mesh[f] <= 0:
+            _fail(f"mesh.{f}", f"must be a positive integer, got {mesh[f]!r}")
+    if mesh.preset not in ("", "gpu", "tpu", "wafer"):
+        _fail("mesh.preset", f"unknown preset {mesh.preset!r}")
+    return c
+
+
+# ----------------------------------------------------------------------------- derived
+
+
+def head_dim(c) -> int:
+    return c.model.d_model // c.model.num_heads
+
+
+def rotary_dims(c) -> int:
+    return int(round(c.model.rotary_fraction * head_dim(c)))
+
+
+def stage_names(c) -> list[str]:
+    return sorted(c.stages.keys(), key=lambda s: int(s.split("_")[-1]) if s.split("_")[-1]
+                  .isdigit() else math.inf)
+
+
+def stage(c, n: int) -> ml_collections.ConfigDict:
+    return c.stages[f"stage_{n}"]
+
+
+def match_groups(patterns: str, groups) -> list[str]:
+    """Data groups matched by comma-separated fnmatch patterns, sorted.
+
+    A pattern starting with '-' removes what it matches: 'slimpajama.*,-*.RedPajamaGithub'.
+    """
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    inc = [p for p in pats if not p.startswith("-")]
+    exc = [p[1:] for p in pats if p.startswith("-")]
+    return sorted(g for g in groups if any(fnmatch.fnmatchcase(g, p) for p in inc)
+                  and not any(fnmatch.fnmatchcase(g, p) for p in exc))
+
+
+# ----------------------------------------------------------------------------- loading
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def config_path(name_or_path: str) -> Path:
+    """Resolves `configs/X.py`, `X.py` or `X` against the cwd, then against the repo."""
+    p = Path(name_or_path)
+    cands = [p, Path("configs") / p, REPO_ROOT / p, REPO_ROOT / "configs" / p]
+    cands += [q.with_suffix(".py") for q in cands if q.suffix != ".py"]
+    for q in cands:
+        if q.is_file():
+            return q
+    raise ConfigError(f"config file {name_or_path}: not found (looked in ., configs/, "
+                      f"{REPO_ROOT / 'configs'})")
+
+
+def load(name_or_path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Loads a config file, applies dotted overrides {'model.num_layers': 4}, validates."""
+    path = config_path(name_or_path)
+    spec = importlib.util.spec_from_file_location(f"crystal_config_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+        cfg = mod.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # a broken config file is still a one-line error
+        raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
+    for key, value in (overrides or {}).items():
+        set_field(cfg, key, value)
+    return validate(cfg)
+
+
+def set_field(cfg, dotted: str, value):
+    node = cfg
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if p not in node:
+            raise ConfigError(f"config field {dotted}: no such field")
+        node = node[p]
+    if leaf not in node:
+        raise ConfigError(f"config field {dotted}: no such field")
+    node[leaf] = value
+
+
+def to_json_dict(cfg) -> dict:
+    """A plain JSON-able dict of a config (for manifests and checkpoints)."""
+    import json
+    return json.loads(cfg.to_json())
+
+
+def from_json_dict(d: dict) -> ml_collections.ConfigDict:
+    def conv(x):
+        if isinstance(x, dict):
+            return ml_collections.ConfigDict({k: conv(v) for k, v in x.items()})
+        if isinstance(x, list):
+            return tuple(conv(v) for v in x)
+        return x
+    return conv(d)
+
+
+def fingerprint(cfg, sections=("model", "tokenizer", "data", "stages", "seed")) -> str:
+    """A hash of the parts of a config that define a run's data and model."""
+    import hashlib
+    import json
+    d = to_json_dict(cfg)
+    sub = {k: d.get(k) for k in sections}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def define_flags():
+    """absl flags shared by every CLI: --config=FILE and --config.X=... overrides."""
+    from ml_collections import config_flags
+    default = os.environ.get("CRYSTAL_CONFIG", str(REPO_ROOT / "configs" / "crystalcoder_tiny.py"))
+    return config_flags.DEFINE_config_file("config", default, "A configs/*.py file.",
+                                           lock_config=False)
+
+
+def from_flag(flag_holder) -> ml_collections.ConfigDict:
+    """Validates the config an absl flag produced (overrides are already applied)."""
+    return validate(flag_holder.value)
