@@ -1,0 +1,314 @@
+"""One decoder-only transformer for Amber (LLaMA) and CrystalCoder, chosen by config.
+
+Params are a plain pytree and `apply` is a pure function. Every parameter carries logical
+axis names (vocab, embed, heads, head_dim, mlp, layers, norm) that crystal.sharding maps to
+mesh axes. Layers are stacked with `nn.scan` (one compiled block, params with a leading
+`layers` axis), optionally rematerialised. Params are float32; matmuls run in the compute
+dtype; norms, RoPE frequencies, softmax and logits are float32 whatever the compute dtype.
+
+Shape suffixes: B batch, L length, D d_model, H heads, K head_dim, F ffn, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from crystal import config as config_lib
+from crystal import mup as mup_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The hashable, fully derived model description (config + muP rules)."""
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm: str
+    norm_eps: float
+    norm_bias: bool
+    qkv_bias: bool
+    out_bias: bool
+    ffn_bias: bool
+    rotary_dims: int
+    rotary_base: float
+    rotary_pairing: str
+    tie_embeddings: bool
+    compute_dtype: str
+    remat: str
+    scan_layers: bool
+    segment_mask: bool
+    embedding_multiplier: float
+    logit_multiplier: float
+    attn_scale: float
+    std_embedding: float
+    std_hidden: float
+    std_residual_out: float
+    std_output: float
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelSpec":
+        if isinstance(cfg, ModelSpec):
+            return cfg
+        m = cfg.model
+        r = mup_lib.rules(cfg)
+        hd = config_lib.head_dim(cfg)
+        return cls(
+            vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
+            num_heads=m.num_heads, head_dim=hd, ffn_dim=m.ffn_dim, norm=m.norm,
+            norm_eps=float(m.norm_eps), norm_bias=bool(m.norm_bias), qkv_bias=bool(m.qkv_bias),
+            out_bias=bool(m.out_bias), ffn_bias=bool(m.ffn_bias),
+            rotary_dims=config_lib.rotary_dims(cfg), rotary_base=float(m.rotary_base),
+            rotary_pairing=m.rotary_pairing, tie_embeddings=bool(m.tie_embeddings),
+            compute_dtype=m.compute_dtype, remat=m.remat, scan_layers=bool(m.scan_layers),
+            segment_mask=bool(m.segment_mask),
+            embedding_multiplier=r.embedding_multiplier, logit_multiplier=r.logit_multiplier,
+            attn_scale=r.attn_scale(hd), std_embedding=r.init_std["embedding"],
+            std_hidden=r.init_std["hidden"], std_residual_out=r.init_std["residual_out"],
+            std_output=r.init_std["output"])
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+
+def trunc_normal(std: float):
+    """Truncated normal cut at +-2 sigma (std of the untruncated normal), as Cerebras/muP."""
+    def init(key, shape, dtype=jnp.float32):
+        return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std
+                ).astype(dtype)
+    return init
+
+
+def _param(mod: nn.Module, name: str, init, shape, axes):
+    return mod.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+class Norm(nn.Module):
+    spec: ModelSpec
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        s = self.spec
+        x = x_BxLxD.astype(jnp.float32)
+        scale_D = _param(self, "scale", nn.initializers.ones, (s.d_model,), ("norm",))
+        if s.norm == "rmsnorm":
+            y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + s.norm_eps)
+        else:
+            mu = jnp.mean(x, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+            y = (x - mu) * jax.lax.rsqrt(var + s.norm_eps)
+        y = y * scale_D
+        if s.norm_bias:
+            y = y + _param(self, "bias", nn.initializers.zeros, (s.d_model,), ("norm",))
+        return y.astype(s.dtype)
+
+
+def rotary(x_BxLxHxK, positions_BxL, spec: ModelSpec):
+    """RoPE on the first `rotary_dims` of each head, in float32, rotate-half or GPT-J pairs."""
+    r = spec.rotary_dims
+    inv_freq = 1.0 / (spec.rotary_base ** (jnp.arange(0, r, 2, dtype=jnp.float32) / r))
+    ang_BxLxR2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+    cos, sin = jnp.cos(ang_BxLxR2)[:, :, None, :], jnp.sin(ang_BxLxR2)[:, :, None, :]
+    x = x_BxLxHxK.astype(jnp.float32)
+    rot, rest = x[..., :r], x[..., r:]
+    if spec.rotary_pairing == "half":
+        a, b = rot[..., : r // 2], rot[..., r // 2:]
+        rot = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    else:  # interleaved: pairs (0,1), (2,3), ...
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        rot = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(rot.shape)
+    return jnp.concatenate([rot, rest], axis=-1).astype(x_BxLxHxK.dtype)
+
+
+def _mean_abs(x):
+    return jnp.mean(jnp.abs(x.astype(jnp.float32)))
+
+
+class Attention(nn.Module):
+    spec: ModelSpec
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+        s, dt = self.spec, self.spec.dtype
+        hid, res = trunc_normal(s.std_hidden), trunc_normal(s.std_residual_out)
+        qkv = []
+        for n in ("q", "k", "v"):
+            w_DxHxK = _param(self, f"w_{n}", hid, (s.d_model, s.num_heads, s.head_dim),
+                             ("embed", "heads", "head_dim"))
+            y = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK.astype(dt))
+            if s.qkv_bias:
+                y = y + _param(self, f"b_{n}", nn.initializers.zeros, (s.num_heads, s.head_dim),
+                               ("heads", "head_dim")).astype(dt)
+            qkv.append(y)
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = qkv
+        q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, s)
+        k_BxLxHxK = rotary(k_BxLxHxK, positions_BxL, s)
+        logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
+                                    preferred_element_type=jnp.float32) * s.attn_scale
+        self.sow("intermediates", "attn_logits", _mean_abs(logits_BxHxLxL))
+        logits_BxHxLxL = jnp.where(mask_Bx1xLxL, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
+        probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(dt)
+        o_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
+        w_HxKxD = _param(self, "w_o", res, (s.num_heads, s.head_dim, s.d_model),
+                         ("heads", "head_dim", "embed"))
+        out_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxK, w_HxKxD.astype(dt))
+        if s.out_bias:
+            out_BxLxD = out_BxLxD + _param(self, "b_o", nn.initializers.zeros, (s.d_model,),
+                                           ("embed",)).astype(dt)
+        return out_BxLxD
+
+
+class MLP(nn.Module):
+    spec: ModelSpec
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        s, dt = self.spec, self.spec.dtype
+        hid, res = trunc_normal(s.std_hidden), trunc_normal(s.std_residual_out)
+        h = {}
+        for n in ("gate", "up"):
+            w_DxF = _param(self, f"w_{n}", hid, (s.d_model, s.ffn_dim), ("embed", "mlp"))
+            h[n] = jnp.einsum("bld,df->blf", x_BxLxD, w_DxF.astype(dt))
+            if s.ffn_bias:
+                h[n] = h[n] + _param(self, f"b_{n}", nn.initializers.zeros, (s.ffn_dim,),
+                                     ("mlp",)).astype(dt)
+        h_BxLxF = nn.silu(h["gate"]) * h["up"]
+        w_FxD = _param(self, "w_down", res, (s.ffn_dim, s.d_model), ("mlp", "embed"))
+        out_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, w_FxD.astype(dt))
+        if s.ffn_bias:
+            out_BxLxD = out_BxLxD + _param(self, "b_down", nn.initializers.zeros, (s.d_model,),
+                                           ("embed",)).astype(dt)
+        return out_BxLxD
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    spec: ModelSpec
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        a = Attention(self.spec, name="attn")(Norm(self.spec, name="attn_norm")(x_BxLxD),
+                                              positions_BxL, mask_Bx1xLxL)
+        self.sow("intermediates", "attn_out", _mean_abs(a))
+        x_BxLxD = x_BxLxD + a
+        f = MLP(self.spec, name="mlp")(Norm(self.spec, name="mlp_norm")(x_BxLxD))
+        self.sow("intermediates", "mlp_out", _mean_abs(f))
+        x_BxLxD = x_BxLxD + f
+        self.sow("intermediates", "residual", _mean_abs(x_BxLxD))
+        return x_BxLxD
+
+
+class ScannedBlock(nn.Module):
+    spec: ModelSpec
+
+    @nn.compact
+    def __call__(self, carry, _):
+        x_BxLxD, positions_BxL, mask_Bx1xLxL = carry
+        x_BxLxD = Block(self.spec, name="block")(x_BxLxD, positions_BxL, mask_Bx1xLxL)
+        return (x_BxLxD, positions_BxL, mask_Bx1xLxL), None
+
+
+_REMAT = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+    spec: ModelSpec
+
+    @nn.compact
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
+        s, dt = self.spec, self.spec.dtype
+        B, L = tokens_BxL.shape
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        mask_Bx1xLxL = jnp.tril(jnp.ones((L, L), dtype=bool))[None, None]
+        if s.segment_mask and segment_ids_BxL is not None:
+            same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+            mask_Bx1xLxL = mask_Bx1xLxL & same[:, None]
+        emb_VxD = _param(self, "embedding", trunc_normal(s.std_embedding),
+                         (s.vocab_size, s.d_model), ("vocab", "embed"))
+        x_BxLxD = (jnp.take(emb_VxD, tokens_BxL, axis=0) * s.embedding_multiplier).astype(dt)
+        self.sow("intermediates", "embedding", _mean_abs(x_BxLxD))
+
+        block = ScannedBlock
+        if s.remat != "none":
+            block = nn.remat(block, policy=_REMAT[s.remat], prevent_cse=not s.scan_layers)
+        carry = (x_BxLxD, positions_BxL, mask_Bx1xLxL)
+        if s.scan_layers:
+            carry, _ = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                               split_rngs={"params": True}, length=s.num_layers,
+                               metadata_params={nn.PARTITION_NAME: "layers"})(
+                                   s, name="layers")(carry, None)
+        else:
+            for i in range(s.num_layers):
+                carry, _ = block(s, name=f"layers_{i}")(carry, None)
+        x_BxLxD = Norm(s, name="final_norm")(carry[0])
+
+        if s.tie_embeddings:
+            head_DxV = emb_VxD.T
+        else:
+            head_DxV = _param(self, "lm_head", trunc_normal(s.std_output),
+                              (s.d_model, s.vocab_size), ("embed", "vocab"))
+        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dt),
+                                  preferred_element_type=jnp.float32) * s.logit_multiplier
+        self.sow("intermediates", "output_logits", _mean_abs(logits_BxLxV))
+        return logits_BxLxV
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def _module(cfg) -> Transformer:
+    return Transformer(ModelSpec.from_config(cfg))
+
+
+def init(cfg, key) -> dict:
+    """Fresh float32 params (a plain nested dict) for `cfg`."""
+    boxed = _init_boxed(cfg, key)
+    return nn.meta.unbox(boxed)
+
+
+def _init_boxed(cfg, key):
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return _module(cfg).init(key, tokens)["params"]
+
+
+def abstract_params(cfg):
+    """Shapes and dtypes of the params, by abstract evaluation (no allocation)."""
+    return jax.eval_shape(lambda k: init(cfg, k), jax.random.key(0))
+
+
+def logical_axes(cfg):
+    """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
+    boxed = jax.eval_shape(lambda k: _init_boxed(cfg, k), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def apply(params, tokens_BxL, cfg, positions_BxL=None, segment_ids_BxL=None,
+          capture_intermediates: bool = False):
+    """Logits (float32, B x L x V). Pure; jit it (or call inside a jitted step).
+
+    With capture_intermediates, returns (logits, {name: mean |activation|}) for the muP
+    coordinate check; scanned layers give one value per layer.
+    """
+    mod = _module(cfg)
+    if capture_intermediates:
+        logits, state = mod.apply({"params": params}, tokens_BxL, positions_BxL,
+                                  segment_ids_BxL, mutable=["intermediates"])
+        return logits, state["intermediates"]
+    return mod.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL)
+
+
+def param_count(params) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))
