@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -172,6 +171,17 @@ class Checkpointer:
         """Re-reads the directory (another process may have written to it)."""
         self._mngr.reload()
 
+    def delete(self, step: int):
+        """Deletes one checkpoint, release or not (rolling back a poisoned timeline)."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory}: opened read-only; cannot delete")
+        step = int(step)
+        if step not in self._mngr.all_steps():
+            raise CheckpointError(f"{self.directory}/{step}: no such checkpoint")
+        self.wait()
+        self._mngr.delete(step)
+        self._releases.steps.discard(step)
+
     def reached_preemption(self, step: int) -> bool:
         """True once JAX's preemption sync point is reached (multi-host preemption notice)."""
         return self._mngr.reached_preemption(step)
@@ -189,6 +199,8 @@ class Checkpointer:
         """
         if self.read_only:
             raise CheckpointError(f"{self.directory}: opened read-only; cannot save")
+        if self._pending is not None:   # surface a failed previous save before starting
+            self.wait()
         step = int(step)
         check_state(state)
         data_state = _json_item("data", data_state)
@@ -216,8 +228,8 @@ class Checkpointer:
         self._mngr.wait_until_finished()
         if self._pending is not None:
             step, self._pending = self._pending, None
-            self._mngr.reload()
-            if step not in self._mngr.all_steps():
+            if not _is_step_dir(self.directory / str(step)):
+                self._mngr.reload()   # forget the step orbax listed but never committed
                 raise CheckpointError(f"{self.directory}/{step}: checkpoint save failed; "
                                       "see the log above")
 
@@ -250,14 +262,17 @@ class Checkpointer:
         return self._mngr.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
 
-    def abstract_state(self, step: int | None = None):
-        """The saved state's shapes and dtypes as a ShapeDtypeStruct pytree (no shardings).
+    def abstract_state(self, step: int | None = None, sharding=None):
+        """The saved state's shapes and dtypes as a ShapeDtypeStruct pytree.
 
-        Optax namedtuples come back as lists/dicts; pass your own abstract state to restore
-        into the original structure."""
+        Every leaf gets `sharding` (default: the host CPU device, so it works on any
+        topology). Optax namedtuples come back as lists/dicts; pass your own abstract state
+        to `restore` to get the original structure back."""
         step = self._step_or_latest(step)
+        sharding = sharding or jax.sharding.SingleDeviceSharding(_host_device())
         tree = self._mngr.item_metadata(step)["state"].tree
-        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
 
     def restore(self, step: int | None = None, abstract_state=None):
         """Returns (state, data_state, meta) of `step` (default: the latest).
@@ -265,7 +280,7 @@ class Checkpointer:
         `abstract_state`: a pytree of jax.ShapeDtypeStruct with shardings (e.g.
         `jax.eval_shape` of the init + the mesh shardings); arrays are read straight into
         those shardings and the pytree structure (optax state classes) is kept. Without it,
-        arrays come back as host numpy arrays in nested dicts/lists.
+        arrays land on the host CPU device, in nested dicts/lists (see abstract_state).
         """
         step = self._step_or_latest(step)
         target = abstract_state if abstract_state is not None else self.abstract_state(step)
@@ -274,6 +289,13 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         return out["state"], out["data"], out["meta"]
+
+
+def _host_device():
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:   # JAX_PLATFORMS without cpu
+        return jax.local_devices()[0]
 
 
 def _is_step_dir(p: Path) -> bool:
