@@ -1,0 +1,397 @@
+"""The training data loader: one stage's global batches, resumable in O(1), replayable.
+
+Global batch N of stage S is records [N*B, (N+1)*B) of `StageMixture(S).dataset()`; process
+p of P takes rows [p*B/P, (p+1)*B/P) of it and reads only those. The pipeline is a grain
+MapDataset (records -> examples -> batches of B/P, every P-th one from p) turned into an
+iterator with reader threads and, if configured, worker processes. Because every batch is
+a pure function of its step, the iterator state is just the step (plus quarantined chunks):
+restoring rebuilds the iterator at `batches[step:]` without touching earlier batches, and
+`replay.replay_batch` computes any batch by indexing the same dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from crystal.data import fim as fim_lib
+from crystal.data import mixture as mix_lib
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+LEDGER = "skipped_chunks.json"
+
+
+class LoaderError(ValueError):
+    """Bad data dir, manifest or state; the message names the file or field."""
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def data_dir(workdir) -> Path:
+    return Path(workdir) / "data"
+
+
+def read_manifest(workdir) -> tuple[dict, str]:
+    """(manifest, sha256 of its bytes): the data identity checkpoints record."""
+    path = data_dir(workdir) / "manifest.json"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise LoaderError(f"{path}: no manifest (run crystal.data.prepare first)") from None
+    try:
+        man = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoaderError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
+    for key in ("format", "seq_len", "groups", "tokenizer"):
+        if key not in man:
+            raise LoaderError(f"{path}: missing field {key!r}")
+    if man["format"] != 1:
+        raise LoaderError(f"{path}: field format: unsupported {man['format']!r}")
+    return man, hashlib.sha256(raw).hexdigest()
+
+
+def read_ledger(workdir) -> dict:
+    path = Path(workdir) / LEDGER
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoaderError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
+
+
+def write_ledger(workdir, ledger: dict):
+    path = Path(workdir) / LEDGER
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+class ExampleReader:
+    """Provenance record -> training example; stateless apart from its mmap cache.
+
+    FIM draws are seeded by (seed, stage, epoch, group, chunk, row), so the example is a
+    pure function of the record. Picklable for grain workers (mmaps reopen lazily).
+    """
+
+    def __init__(self, workdir, manifest: dict, mixture: mix_lib.StageMixture | None,
+                 seed: int, stage: int, spm_rate: float):
+        self.root = data_dir(workdir)
+        self.seq_len = int(manifest["seq_len"])
+        self.seed, self.stage, self.spm_rate = int(seed), int(stage), float(spm_rate)
+        self.group_names = sorted(manifest["groups"])
+        self.paths = {}
+        for gi, g in enumerate(self.group_names):
+            gm = manifest["groups"][g]
+            for ch in gm["chunks"]:
+                self.paths[(gi, int(ch["index"]))] = (ch["path"], int(ch["num_sequences"]))
+            if gm.get("val"):
+                self.paths[(gi, -1)] = (gm["val"]["path"], int(gm["val"]["num_sequences"]))
+        self.fim_rates = [c.fim_rate for c in mixture.components] if mixture else []
+        self.codec = self.ids = None
+        if any(r > 0 for r in self.fim_rates):
+            tok = manifest["tokenizer"]
+            self.codec = fim_lib.FimCodec.from_file(self.root / tok.get("path",
+                                                                        "tokenizer.model"))
+            base = int(tok["vocab_size"])
+            try:
+                self.ids = fim_lib.FimIds.from_specials(base, tok.get("special_tokens", ()))
+            except ValueError as e:
+                raise LoaderError(f"{self.root / 'manifest.json'}: tokenizer.special_tokens: "
+                                  f"{e}") from None
+            if self.codec.vocab_size != base:
+                raise LoaderError(f"{self.root / tok.get('path', 'tokenizer.model')}: "
+                                  f"{self.codec.vocab_size} pieces, manifest tokenizer."
+                                  f"vocab_size says {base}")
+        self._arrays, self._lock = {}, threading.Lock()
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_arrays"], d["_lock"] = {}, None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def array(self, group: int, chunk: int) -> np.ndarray:
+        key = (group, chunk)
+        a = self._arrays.get(key)
+        if a is not None:
+            return a
+        # One opener at a time: CPython 3.11's parser (np.load reads the .npy header with
+        # ast.literal_eval) is not thread-safe
+        # ("AST constructor recursion depth mismatch"), and grain reads in threads.
+        with self._lock:
+            a = self._arrays.get(key)
+            if a is not None:
+                return a
+            rel, n = self.paths[key]
+            path = self.root / rel
+            try:
+                a = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise LoaderError(f"{path}: cannot read chunk: {e}") from None
+            if a.ndim != 2 or a.shape != (n, self.seq_len + 1):
+                raise LoaderError(f"{path}: shape {a.shape}, manifest says "
+                                  f"({n}, {self.seq_len + 1})")
+            self._arrays[key] = a
+        return a
+
+    def tokens(self, group: int, chunk: int, row: int) -> np.ndarray:
+        return np.asarray(self.array(group, chunk)[row], np.int32)
+
+    def __call__(self, rec: dict) -> dict:
+        toks_T = self.tokens(rec["group"], rec["chunk"], rec["row"])
+        T = toks_T.shape[0]
+        rate = self.fim_rates[rec["component"]] if rec["component"] >= 0 else 0.0
+        num_valid, num_fim = T, 0
+        if rate > 0:
+            rng = fim_lib.fim_rng(self.seed, self.stage, rec["epoch"], rec["group"],
+                                  rec["chunk"], rec["row"])
+            toks_T, num_valid, num_fim = fim_lib.apply_fim(toks_T, rng, self.codec, self.ids,
+                                                           rate, self.spm_rate)
+        return make_example(toks_T, num_valid, rec, num_fim)
+
+
+ROW_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids")
+SCALAR_FIELDS = {"source_id": np.int32, "group": np.int32, "component": np.int32,
+                 "chunk": np.int32, "row": np.int32, "epoch": np.int32, "index": np.int64,
+                 "fim": np.int32, "substituted": np.int32}
+
+
+def make_example(toks_T: np.ndarray, num_valid: int, rec: dict, num_fim: int = 0) -> dict:
+    """Inputs/targets/masks of one packed row; tokens at or past num_valid are padding.
+
+    Per-row provenance stays Python ints here; `collate` gives them their dtypes."""
+    inputs_L, targets_L = toks_T[:-1], toks_T[1:]
+    L = inputs_L.shape[0]
+    valid_L = np.arange(L) < num_valid
+    loss_mask_L = np.zeros((L,), np.float32)
+    loss_mask_L[:max(0, min(L, num_valid - 1))] = 1.0
+    # Document index within the row (1-based): a document ends with (and owns) its EOS.
+    seg_L = np.ones((L,), np.int32)
+    seg_L[1:] += np.cumsum(inputs_L[:-1] == fim_lib.EOS_ID, dtype=np.int32)
+    seg_L[~valid_L] = 0
+    return dict(inputs=inputs_L, targets=targets_L, loss_mask=loss_mask_L, segment_ids=seg_L,
+                source_id=rec["group"], group=rec["group"], component=rec["component"],
+                chunk=rec["chunk"], row=rec["row"], epoch=rec["epoch"], index=rec["index"],
+                fim=num_fim, substituted=rec.get("substituted", 0))
+
+
+def collate(examples) -> dict:
+    """Examples -> a batch: (B, L) token arrays, (B,) provenance with fixed dtypes."""
+    out = {k: np.stack([e[k] for e in examples]) for k in ROW_FIELDS}
+    out["inputs"] = out["inputs"].astype(np.int32, copy=False)
+    out["targets"] = out["targets"].astype(np.int32, copy=False)
+    for k, dt in SCALAR_FIELDS.items():
+        out[k] = np.fromiter((e[k] for e in examples), dtype=dt, count=len(examples))
+    return out
+
+
+class _ValRecord:
+    def __init__(self, group: int, num_val: int):
+        self.group, self.num_val = group, num_val
+
+    def __call__(self, j: int) -> dict:
+        return dict(index=int(j), component=-1, group=self.group, chunk=-1,
+                    row=int(j) % self.num_val, epoch=int(j) // self.num_val)
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+class StageLoader:
+    """Iterator over one stage's per-process batches; see the module docstring.
+
+    skip_chunks: chunk names ('group:index', fnmatch on group; or 'group/train_K.npy')
+    quarantined from step 0, or {'chunk', 'from_step'} dicts. Skips recorded in
+    WORKDIR/skipped_chunks.json for this stage are applied too (`use_ledger`).
+    """
+
+    def __init__(self, cfg, workdir, stage: int, process_index: int = 0,
+                 process_count: int = 1, skip_chunks=(), use_ledger: bool = True):
+        self.cfg, self.workdir, self.stage = cfg, Path(workdir), int(stage)
+        self.manifest, self.data_sha256 = read_manifest(workdir)
+        man_path = data_dir(workdir) / "manifest.json"
+        if int(self.manifest["seq_len"]) != int(cfg.data.seq_len):
+            raise LoaderError(f"{man_path}: seq_len {self.manifest['seq_len']} != config "
+                              f"data.seq_len {cfg.data.seq_len}")
+        B = int(cfg.train.global_batch_size)
+        if not (0 <= process_index < process_count):
+            raise LoaderError(f"process_index {process_index} not in [0, {process_count})")
+        if B % process_count:
+            raise LoaderError(f"train.global_batch_size {B} is not divisible by "
+                              f"process_count {process_count}")
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.global_batch_size = B
+        self.batch_size_per_process = B // process_count
+        self.group_names = sorted(self.manifest["groups"])
+        self.num_chunks = int(self.manifest.get("num_chunks", cfg.data.num_chunks))
+        self._skips_in = list(skip_chunks)
+        if use_ledger:
+            self._skips_in += read_ledger(workdir).get(f"stage_{self.stage}", [])
+        try:
+            self.mixture = mix_lib.StageMixture(cfg, self.manifest, self.stage,
+                                                self._skips_in)
+        except mix_lib.MixtureError as e:
+            raise LoaderError(str(e)) from None
+        self.steps = self.mixture.steps
+        self.reader = ExampleReader(workdir, self.manifest, self.mixture, cfg.seed,
+                                    self.stage, cfg.data.fim_spm_rate)
+        self._build()
+        self._step = 0
+        self._it = None
+
+    # ------------------------------------------------------------------ datasets
+
+    def _build(self):
+        self._examples = self.mixture.dataset().map(self.reader)
+
+    def global_batches(self) -> grain.MapDataset:
+        """MapDataset: element N is global batch N (all B rows, in row order)."""
+        return self._examples.batch(self.global_batch_size, batch_fn=collate)
+
+    def process_batches(self) -> grain.MapDataset:
+        """MapDataset: element N is this process's rows of global batch N."""
+        b, P = self.batch_size_per_process, self.process_count
+        return self._examples.batch(b, batch_fn=collate)[self.process_index::P]
+
+    def global_batch(self, step: int) -> dict:
+        if not 0 <= step < self.steps:
+            raise LoaderError(f"step {step}: stage {self.stage} has steps 0..{self.steps - 1}")
+        return self.global_batches()[step]
+
+    # ------------------------------------------------------------------ iteration
+
+    def _iterator(self):
+        d = self.cfg.data
+        ds = self.process_batches()[self._step:].to_iter_dataset(grain.ReadOptions(
+            num_threads=int(d.loader_threads), prefetch_buffer_size=int(d.loader_prefetch)))
+        if int(d.loader_workers) > 0:
+            from absl import flags
+            if not flags.FLAGS.is_parsed():   # grain reads its absl flags in the workers
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=int(d.loader_workers),
+                per_worker_buffer_size=max(1, int(d.loader_prefetch))))
+        return iter(ds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._step >= self.steps:
+            raise StopIteration
+        if self._it is None:
+            self._it = self._iterator()
+        batch = next(self._it)
+        self._step += 1
+        return batch
+
+    next = __next__
+
+    @property
+    def step(self) -> int:
+        """The stage step of the next batch."""
+        return self._step
+
+    def close(self):
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+
+    # ------------------------------------------------------------------ state
+
+    def get_state(self) -> dict:
+        """Small JSON state: the next step and the quarantined chunks, plus identity."""
+        return dict(format=STATE_FORMAT, stage=self.stage, step=self._step,
+                    skips=[s.to_json() for s in self.mixture.skips],
+                    data_sha256=self.data_sha256, seed=int(self.cfg.seed),
+                    global_batch_size=self.global_batch_size)
+
+    def set_state(self, state: dict):
+        """Resume at state['step'] in O(1); refuses a state of another stage or data."""
+        if isinstance(state, (str, bytes)):
+            state = json.loads(state)
+        if state.get("format") != STATE_FORMAT:
+            raise LoaderError(f"loader state: field format {state.get('format')!r} != "
+                              f"{STATE_FORMAT}")
+        for key, mine in (("stage", self.stage), ("data_sha256", self.data_sha256),
+                          ("seed", int(self.cfg.seed)),
+                          ("global_batch_size", self.global_batch_size)):
+            if state.get(key) != mine:
+                raise LoaderError(f"loader state: field {key} is {state.get(key)!r}, this "
+                                  f"loader has {mine!r}")
+        step = int(state["step"])
+        if not 0 <= step <= self.steps:
+            raise LoaderError(f"loader state: field step {step} not in [0, {self.steps}]")
+        try:
+            merged = mix_lib.parse_skips([*self.mixture.skips, *state.get("skips", [])],
+                                         self.mixture.all_chunks)
+        except mix_lib.MixtureError as e:
+            raise LoaderError(f"loader state: field skips: {e}") from None
+        self.close()
+        if merged != self.mixture.skips:
+            self._set_skips(merged)
+        self._step = step
+
+    # ------------------------------------------------------------------ quarantine
+
+    def skip_chunk(self, chunk: str, from_step: int | None = None):
+        """Quarantine a chunk from `from_step` (default: the next step) on; recorded in the
+        state and, by process 0, in WORKDIR/skipped_chunks.json (replay reads it)."""
+        from_step = self._step if from_step is None else int(from_step)
+        self.close()
+        self._set_skips([*self.mixture.skips, {"chunk": chunk, "from_step": from_step}])
+        if self.process_index == 0:
+            ledger = read_ledger(self.workdir)
+            ledger[f"stage_{self.stage}"] = [s.to_json() for s in self.mixture.skips]
+            write_ledger(self.workdir, ledger)
+        log.warning("stage %d: chunk %s quarantined from step %d", self.stage, chunk,
+                    from_step)
+
+    def _set_skips(self, skips):
+        try:
+            self.mixture = mix_lib.StageMixture(self.cfg, self.manifest, self.stage, skips)
+        except mix_lib.MixtureError as e:
+            raise LoaderError(str(e)) from None
+        self._build()
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def chunk_of_step(self, step: int) -> int:
+        """The training-progress data chunk of a step (release checkpoints): the stage's
+        steps split into num_chunks equal runs."""
+        return min(self.num_chunks - 1, int(step) * self.num_chunks // self.steps)
+
+    def val_batches(self, n: int, groups=None) -> dict[str, list[dict]]:
+        """n deterministic validation batches per group (default: the stage's groups),
+        this process's rows of each; no FIM, rows cycle if a val set is small."""
+        groups = groups or sorted({g for c in self.mixture.components for g in c.groups})
+        reader = ExampleReader(self.workdir, self.manifest, None, self.cfg.seed, self.stage,
+                               self.cfg.data.fim_spm_rate)
+        out = {}
+        b, P, B = self.batch_size_per_process, self.process_count, self.global_batch_size
+        for g in groups:
+            gi = self.group_names.index(g)
+            val = self.manifest["groups"][g].get("val")
+            if not val or int(val["num_sequences"]) == 0:
+                continue
+            ds = (grain.MapDataset.range(n * B).map(_ValRecord(gi, int(val["num_sequences"])))
+                  .map(reader).batch(b, batch_fn=collate)[self.process_index::P])
+            out[g] = [ds[i] for i in range(n)]
+        return out
