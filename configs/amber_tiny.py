@@ -25,6 +25,7 @@ def get_config():
     c.data.seq_len = 128
     c.data.num_chunks = 4
     c.data.workers = 2
+    c.data.loader_workers = 0    # in-process: no worker start-up on a laptop
     c.train.global_batch_size = 16
     c.checkpoint.every_steps = 25
     c.stages.stage_1.steps = 200

@@ -46,6 +46,7 @@ def get_config():
     c.data.seq_len = 2048
     c.data.num_chunks = 143
     c.data.workers = 16
+    c.data.loader_workers = 4    # FIM re-tokenising: see docs/loader.md (Speed)
 
     c.optim.eps = 1e-9
     c.optim.weight_decay = 0.1

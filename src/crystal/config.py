@@ -113,8 +113,13 @@ def base_config() -> ml_collections.ConfigDict:
         min_val_sequences=1,
         workers=2,                # tokenizer processes
         on_bad_record="fail",     # 'fail' | 'skip'
+        sample_max_mb=8.0,        # size of the bundled sample corpus (used when input is '')
+        cache_dir="",             # sample corpus + tokenizer cache; '' = $CRYSTAL_CACHE,
+                                  # else ~/.cache/crystal
         loader_workers=0,         # grain worker processes (0: in-process)
         loader_prefetch=2,
+        loader_threads=2,         # grain reader threads per process (ReadOptions.num_threads)
+        fim_spm_rate=0.5,         # share of FIM documents in SPM (vs PSM) order
     ))
 
     c.stages = ml_collections.ConfigDict()
@@ -139,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
         bad_step_window=20,
         spike_zscore=6.0,
         spike_window=50,
+        compilation_cache="auto",  # JAX persistent compilation cache: 'auto' (the crystal
+                                  # cache dir, see data.cache_dir), '' (off) or a path
+        fault_nan_chunks="",      # fault injection: 'group:index,...' data chunks whose rows
+                                  # make the loss NaN (tests the quarantine path)
         progress=True,
     ))
 
@@ -167,6 +176,7 @@ def base_config() -> ml_collections.ConfigDict:
         wandb_mode="offline",
         wandb_project="crystal",
         plot=True,
+        peak_flops_per_device=0.0,  # MFU denominator; 0: crystal.metrics table / CPU timing
     ))
     return c
 
@@ -242,6 +252,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("data.val_fraction", f"must be in [0, 1), got {d.val_fraction!r}")
     if d.on_bad_record not in ("fail", "skip"):
         _fail("data.on_bad_record", f"must be 'fail' or 'skip', got {d.on_bad_record!r}")
+    for f in ("loader_workers", "loader_threads", "loader_prefetch"):
+        if not isinstance(d[f], int) or d[f] < 0:
+            _fail(f"data.{f}", f"must be an integer >= 0, got {d[f]!r}")
+    if not (0.0 <= d.fim_spm_rate <= 1.0):
+        _fail("data.fim_spm_rate", f"must be in [0, 1], got {d.fim_spm_rate!r}")
 
     for k in ("b1", "b2"):
         if not (0.0 <= c.optim[k] < 1.0):

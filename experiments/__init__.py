@@ -1,0 +1,1 @@
+"""Experiments whose results are committed next to them (experiments/results/)."""

@@ -1,0 +1,193 @@
+"""The same preparation as crystal.data.prepare, as an Apache Beam pipeline (for scale).
+
+    Create(shard jobs) -> Map(tokenize_shard) -> per-group parts -> GroupByKey
+      -> Map(plan_group) -> FlatMap(chunk jobs) -> Reshuffle -> Map(write_chunk)
+
+Every transform is the local path's function, fed plain-dict elements (paths, counts,
+offsets); token arrays only ever travel through .npy files, never through Beam's coders.
+Results come back to the driver as small JSON side files, and the driver writes the
+manifest with the same `finish` as the local path, so both produce byte-identical chunks
+and manifests.
+
+    python -m crystal.data.beam --config=configs/crystalcoder_tiny.py --workdir=DIR \
+        [--input=SOURCE_DIR] [--on_bad_record=skip] -- --runner=DirectRunner [beam options]
+
+At scale (Dataflow, Flink, Spark runners) the input and the workdir must be a filesystem
+every worker mounts (GCS FUSE, Filestore/NFS, Lustre): see docs/data.md. Apache Beam is the
+optional extra `pip install -e .[beam]`; nothing else in crystal imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from crystal import config as config_lib
+from crystal.data import cache
+from crystal.data import prepare as prep
+from crystal.data.sources import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _import_beam():
+    try:
+        import apache_beam as beam
+    except ImportError:
+        raise DataError("apache-beam is not installed (pip install -e '.[beam]'); the local "
+                        "path crystal.data.prepare does not need it") from None
+    return beam
+
+
+def _dump(path: Path, obj):
+    cache.atomic_write_bytes(path, json.dumps(obj, sort_keys=True).encode())
+
+
+def _tokenize(job, results_dir):
+    r = prep.tokenize_shard(job)
+    _dump(Path(results_dir) / f"shard_{r['shard']:06d}.json", r)
+    return r
+
+
+def _parts(r):
+    return [(g, dict(e, shard=r["shard"])) for g, e in sorted(r["groups"].items())]
+
+
+def _plan(kv, params, results_dir):
+    group, parts = kv
+    p = prep.plan_group(group, list(parts), params)
+    _dump(Path(results_dir) / f"plan_{group}.json", {k: v for k, v in p.items() if k != "jobs"})
+    return p
+
+
+def _write(job, results_dir):
+    w = prep.write_chunk(job)
+    _dump(Path(results_dir) / f"chunk_{w['group']}_{w['index']:+06d}.json", w)
+    return w
+
+
+def build_pipeline(pipeline, st: dict):
+    """Adds the preparation transforms for setup state `st` to a Beam pipeline."""
+    beam = _import_beam()
+    results = str(Path(st["tmp"]) / "results")
+    Path(results).mkdir(parents=True, exist_ok=True)
+    return (pipeline
+            | "Shards" >> beam.Create(st["jobs"], reshuffle=True)
+            | "Tokenize" >> beam.Map(_tokenize, results)
+            | "Parts" >> beam.FlatMap(_parts)
+            | "ByGroup" >> beam.GroupByKey()
+            | "Plan" >> beam.Map(_plan, st["params"], results)
+            | "ChunkJobs" >> beam.FlatMap(lambda p: p["jobs"])
+            | "Spread" >> beam.Reshuffle()
+            | "Write" >> beam.Map(_write, results))
+
+
+def _read_results(results: Path):
+    load = lambda pat: [json.loads(p.read_text()) for p in sorted(results.glob(pat))]  # noqa
+    return load("shard_*.json"), load("plan_*.json"), load("chunk_*.json")
+
+
+def run(cfg, workdir, input_dir=None, on_bad_record=None, pipeline_args=(),
+        overwrite=False) -> dict:
+    """Prepares `workdir/data` with Beam; returns the manifest (same as prepare.prepare)."""
+    beam = _import_beam()
+    from apache_beam.options.pipeline_options import PipelineOptions
+    config_lib.validate(cfg)
+    out = prep.data_dir(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    with cache.file_lock(out / ".lock"):
+        if not overwrite:
+            prep._check_existing(cfg, workdir, input_dir)
+        t0 = time.perf_counter()
+        st = prep.setup(cfg, workdir, input_dir, on_bad_record)
+        opts = PipelineOptions(list(pipeline_args) or ["--runner=DirectRunner"])
+        saved_tmp = tempfile.tempdir  # Beam's own scratch dirs go under ours, and go with it
+        tempfile.tempdir = str(st["tmp"])
+        try:
+            try:
+                with beam.Pipeline(options=opts) as p:
+                    build_pipeline(p, st)
+            except DataError:
+                raise
+            except Exception as e:  # runners wrap DoFn errors; surface ours as one line
+                raise _unwrap(e) from None
+            shards, plans, written = _read_results(Path(st["tmp"]) / "results")
+            if len(shards) != len(st["jobs"]):
+                raise DataError(f"beam: {len(shards)} of {len(st['jobs'])} shards reported "
+                                "back")
+            for p in plans:
+                p["jobs"] = []
+            manifest = prep.finish(st["manifest"], plans, written, shards, cfg, st["out"])
+        finally:
+            tempfile.tempdir = saved_tmp
+            shutil.rmtree(st["tmp"], ignore_errors=True)
+        prep_log = dict(runner="beam", pipeline_args=list(pipeline_args),
+                        shards=len(shards), input_bytes=sum(r["bytes"] for r in shards),
+                        total_s=time.perf_counter() - t0)
+        cache.atomic_write_bytes(out / prep.LOG_FILE, (json.dumps(prep_log, indent=1) + "\n")
+                                 .encode())
+        prep._warn_bad(manifest)
+        return manifest
+
+
+def _unwrap(e: Exception) -> Exception:
+    """The DataError inside a runner's wrapped exception, else a one-line DataError."""
+    seen = set()
+    x = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, DataError):
+            return x
+        x = x.__cause__ or x.__context__
+    msg = str(e).strip().splitlines()
+    # DirectRunner re-raises with the original message embedded in its text.
+    for line in msg:
+        if "BadRecordError" in line or "DataError" in line:
+            return DataError(line.split(": ", 1)[-1].strip())
+    return DataError(f"beam pipeline failed: {msg[-1] if msg else type(e).__name__}")
+
+
+def main(argv=None):
+    from absl import app, flags
+    cfg_flag = config_lib.define_flags()
+    flags.DEFINE_string("workdir", None, "Run folder; data goes to WORKDIR/data.")
+    flags.DEFINE_string("input", None, "Source folder; default: data.input, else the sample.")
+    flags.DEFINE_enum("on_bad_record", None, ["fail", "skip"], "Bad input policy.")
+    flags.DEFINE_bool("overwrite", False, "Replace data prepared with another config.")
+    flags.mark_flag_as_required("workdir")
+    FLAGS = flags.FLAGS
+    argv = list(sys.argv if argv is None else argv)
+    # Everything after `--` (or any flag absl does not know) goes to Beam.
+    if "--" in argv:
+        i = argv.index("--")
+        ours, beam_args = argv[:i], argv[i + 1:]
+    else:
+        ours, beam_args = argv, []
+
+    def parse(args):
+        rest = FLAGS(args, known_only=True)
+        beam_args.extend(rest[1:])
+        return rest[:1]
+
+    def body(_):
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        try:
+            cfg = config_lib.from_flag(cfg_flag)
+            man = run(cfg, FLAGS.workdir, FLAGS.input, FLAGS.on_bad_record, beam_args,
+                      overwrite=FLAGS.overwrite)
+        except (DataError, config_lib.ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        prep.summarize(man, FLAGS.workdir)
+        return 0
+
+    app.run(lambda a: sys.exit(body(a)), argv=ours, flags_parser=parse)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,519 @@
+"""Device meshes, logical-axis rules, sharded state and steps, and multi-host start-up.
+
+crystal runs on JAX's own multi-controller runtime (`jax.distributed`) and XLA's SPMD
+partitioner: one program, jitted with explicit shardings; nothing here launches processes.
+
+Mesh: axes ("data", "fsdp", "tensor") from `cfg.mesh`, sized by the config or by a preset:
+
+    preset   fill axis  device order                       meaning
+    ''       -          process-major                      data x fsdp x tensor = #devices
+    'gpu'    fsdp       process-major, tensor fastest      tensor parallel inside a node
+                                                           (tensor | local devices), fsdp/data
+                                                           across nodes
+    'tpu'    fsdp       XLA's TPU torus order              fsdp over the whole slice
+    'wafer'  data       process-major                      data parallel only (fsdp = tensor
+                                                           = 1): weights replicated per device
+
+With a preset, the fill axis takes whatever devices the other two axes leave (its config
+value must be 1 or already that number).
+
+Rules: `cfg.mesh.rules` maps each logical axis name the model uses (vocab, embed, heads,
+head_dim, mlp, layers, norm; batch, length for activations) to comma-separated mesh axes.
+The **divisibility rule** for params: a dim takes the listed mesh axes in order, skipping
+any axis that is size 1, already used by an earlier dim of the same array, or whose size
+(times the axes already taken for this dim) does not divide the dim; a dim left with no
+axis is replicated. So heads=4 on tensor=8 is replicated, not an error. Batches are never
+silently replicated: the micro-batch must divide over the batch axes, or it is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+PRESET_FILL = {"gpu": "fsdp", "tpu": "fsdp", "wafer": "data"}
+# Activation constraints resolve rules in this order: batch claims its mesh axes first, so
+# an FSDP mesh shards activations by batch and leaves their embed dim whole.
+ACTIVATION_PRIORITY = ("batch", "length")
+
+
+class ShardingError(ValueError):
+    """A mesh or rule that cannot work; the message names the config field."""
+
+
+# ----------------------------------------------------------------------------- meshes
+
+
+def mesh_shape(cfg, num_devices: int, local_device_count: int | None = None) -> dict:
+    """{'data': d, 'fsdp': f, 'tensor': t} for `num_devices`, after the preset's fill rule."""
+    m = cfg.mesh
+    sizes = {a: int(m[a]) for a in MESH_AXES}
+    for a, v in sizes.items():
+        if v <= 0:
+            raise ShardingError(f"config field mesh.{a}: must be a positive integer, got {v}")
+    preset = m.preset
+    if preset:
+        if preset not in PRESET_FILL:
+            raise ShardingError(f"config field mesh.preset: unknown preset {preset!r}; "
+                                f"expected one of {sorted(PRESET_FILL)}")
+        fill = PRESET_FILL[preset]
+        if preset == "wafer" and (sizes["fsdp"] != 1 or sizes["tensor"] != 1):
+            raise ShardingError("config field mesh.preset: 'wafer' is data parallel only; "
+                                f"mesh.fsdp={sizes['fsdp']} and mesh.tensor={sizes['tensor']}"
+                                " must be 1")
+        others = math.prod(v for a, v in sizes.items() if a != fill)
+        if num_devices % others:
+            raise ShardingError(f"config field mesh: the axes other than {fill} take {others} "
+                                f"devices, which does not divide {num_devices} devices")
+        want = num_devices // others
+        if sizes[fill] not in (1, want):
+            raise ShardingError(f"config field mesh.{fill}: preset {preset!r} fills it with "
+                                f"{want} devices, but it is set to {sizes[fill]}")
+        sizes[fill] = want
+        if preset == "gpu" and local_device_count and local_device_count % sizes["tensor"]:
+            raise ShardingError(f"config field mesh.tensor: preset 'gpu' keeps tensor "
+                                f"parallelism inside a node, but tensor={sizes['tensor']} does "
+                                f"not divide the {local_device_count} devices per process")
+    total = math.prod(sizes.values())
+    if total != num_devices:
+        raise ShardingError(f"config field mesh: data x fsdp x tensor = "
+                            f"{sizes['data']} x {sizes['fsdp']} x {sizes['tensor']} = {total}, "
+                            f"but there are {num_devices} devices (set the sizes or a preset)")
+    return sizes
+
+
+def make_mesh(cfg, devices=None) -> Mesh:
+    """The run's mesh over `devices` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    local = sum(1 for d in devices if d.process_index == devices[0].process_index)
+    sizes = mesh_shape(cfg, len(devices), local)
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if cfg.mesh.preset == "tpu" and devices[0].platform == "tpu":
+        from jax.experimental import mesh_utils
+        arr = mesh_utils.create_device_mesh(shape, devices)
+    else:
+        # Process-major, tensor fastest: a tensor group is consecutive devices of one process,
+        # and each process holds a contiguous block of the batch (see data_slice).
+        arr = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(shape)
+    return Mesh(arr, MESH_AXES)
+
+
+def parse_mesh_flag(text: str) -> dict:
+    """'data=1,fsdp=64,tensor=1' -> {'data': 1, 'fsdp': 64, 'tensor': 1} (a CLI's --mesh)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq or name not in MESH_AXES or not value.strip().isdigit() \
+                or int(value) <= 0:
+            raise ShardingError(f"--mesh={text}: expected comma-separated AXIS=N with AXIS in "
+                                f"{MESH_AXES} and N > 0, got {part!r}")
+        out[name] = int(value)
+    return out
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def rules(cfg) -> dict[str, tuple[str, ...]]:
+    """cfg.mesh.rules as {logical name: (mesh axes...)}; unknown mesh axes are an error."""
+    out = {}
+    for name, value in cfg.mesh.rules.items():
+        if not isinstance(value, str):
+            raise ShardingError(f"config field mesh.rules.{name}: must be a comma-separated "
+                                f"string of mesh axes, got {value!r}")
+        axes = tuple(a.strip() for a in value.split(",") if a.strip())
+        for a in axes:
+            if a not in MESH_AXES:
+                raise ShardingError(f"config field mesh.rules.{name}: unknown mesh axis {a!r};"
+                                    f" expected some of {MESH_AXES}")
+        if len(set(axes)) != len(axes):
+            raise ShardingError(f"config field mesh.rules.{name}: mesh axis listed twice")
+        out[name] = axes
+    return out
+
+
+def spec_for(logical: tuple, shape: tuple, mesh: Mesh, rule_map: Mapping) -> P:
+    """A PartitionSpec for one param under the divisibility rule (module docstring)."""
+    if len(logical) != len(shape):
+        raise ShardingError(f"logical axes {logical} do not match shape {shape}")
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(logical, shape):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rule_map:
+            raise ShardingError(f"config field mesh.rules: no rule for logical axis {name!r}")
+        taken: list[str] = []
+        for a in rule_map[name]:
+            size = mesh.shape[a]
+            if size == 1 or a in used or dim % (math.prod(mesh.shape[t] for t in taken) * size):
+                continue
+            taken.append(a)
+        used.update(taken)
+        out.append(None if not taken else taken[0] if len(taken) == 1 else tuple(taken))
+    return P(*out)
+
+
+def param_specs(cfg, mesh: Mesh, shapes=None):
+    """A pytree like the params with each leaf's PartitionSpec over `mesh`."""
+    from crystal import model as model_lib
+    rule_map = rules(cfg)
+    logical = model_lib.logical_axes(cfg)
+    shapes = model_lib.abstract_params(cfg) if shapes is None else shapes
+    return jax.tree.map(lambda lg, s: spec_for(tuple(lg), tuple(s.shape), mesh, rule_map),
+                        logical, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def divisibility_fallbacks(cfg, mesh: Mesh) -> list[str]:
+    """'path: dim D (logical) not split over axis (N)' for every param dim the rules wanted
+    sharded but the divisibility rule kept whole: what to fix when a plan does not fit."""
+    from crystal import model as model_lib
+    rule_map = rules(cfg)
+    logical = model_lib.logical_axes(cfg)
+    shapes = model_lib.abstract_params(cfg)
+    specs = param_specs(cfg, mesh, shapes)
+    out = []
+    flat_l = jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: isinstance(x, P))[0]
+    for (path, lg), s, sp in zip(flat_l, jax.tree.leaves(shapes),
+                                 jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+        for name, dim, got in zip(tuple(lg), s.shape, tuple(sp) + (None,) * len(s.shape)):
+            got = () if got is None else (got,) if isinstance(got, str) else tuple(got)
+            for a in rule_map.get(name, ()) if name else ():
+                if mesh.shape[a] > 1 and a not in got and a not in _used(sp, got):
+                    out.append(f"{jax.tree_util.keystr(path)}: dim {dim} ({name}) not split "
+                               f"over {a} ({mesh.shape[a]})")
+    return out
+
+
+def _used(spec, mine) -> set:
+    used = set()
+    for e in spec:
+        if e is None:
+            continue
+        for a in ((e,) if isinstance(e, str) else e):
+            if a not in mine:
+                used.add(a)
+    return used
+
+
+def param_shardings(cfg, mesh: Mesh):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def _key_names(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
+def state_shardings(abstract_state, cfg, mesh: Mesh):
+    """Shardings for a whole train state: every leaf whose key path ends with a param's path
+    and has that param's shape (the params themselves, Adam's mu and nu, ...) is sharded as
+    the param; everything else (step, counts, rng) is replicated."""
+    from crystal import model as model_lib
+    shapes = model_lib.abstract_params(cfg)
+    pspecs = param_specs(cfg, mesh, shapes)
+    by_path = {}
+    for (path, spec), s in zip(
+            jax.tree_util.tree_flatten_with_path(pspecs, is_leaf=lambda x: isinstance(x, P))[0],
+            jax.tree.leaves(shapes)):
+        by_path[_key_names(path)] = (spec, tuple(s.shape))
+    depths = sorted({len(k) for k in by_path}, reverse=True)
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        names = _key_names(path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        for d in depths:
+            hit = by_path.get(names[-d:]) if len(names) >= d else None
+            if hit is not None and hit[1] == shape:
+                return NamedSharding(mesh, hit[0])
+        return replicated
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def batch_axes(cfg, mesh: Mesh) -> tuple[str, ...]:
+    return tuple(a for a in rules(cfg).get("batch", ()) if mesh.shape[a] > 1)
+
+
+def batch_sharding(cfg, mesh: Mesh, rows: int | None = None) -> NamedSharding:
+    """Sharding of every batch leaf: dim 0 (rows) over the batch rule's mesh axes.
+
+    `rows` (default: the global batch) must split evenly over those axes in every
+    micro-batch, or the step would silently compute on replicated data.
+    """
+    axes = batch_axes(cfg, mesh)
+    n = math.prod(mesh.shape[a] for a in axes)
+    rows = int(cfg.train.global_batch_size) if rows is None else rows
+    micro = rows // int(cfg.train.grad_accum)
+    if micro % n:
+        raise ShardingError(f"config field train.global_batch_size: a micro-batch of {micro} "
+                            f"rows (global {rows} / grad_accum {cfg.train.grad_accum}) does "
+                            f"not split over the batch axes {axes} ({n} shards)")
+    return NamedSharding(mesh, P(axes if len(axes) > 1 else (axes[0] if axes else None)))
+
+
+def activation_rules(cfg) -> tuple:
+    """The rules as flax's ((logical, mesh axes), ...) for nn.logical_axis_rules."""
+    r = rules(cfg)
+    order = [n for n in ACTIVATION_PRIORITY if n in r] + \
+        [n for n in r if n not in ACTIVATION_PRIORITY]
+    return tuple((n, (r[n] if len(r[n]) > 1 else r[n][0]) if r[n] else None) for n in order)
+
+
+class mesh_context:
+    """`with mesh_context(cfg, mesh):` makes the model's logical activation constraints
+    resolve against `mesh` (jax.set_mesh + flax logical rules). Trace jitted code inside."""
+
+    def __init__(self, cfg, mesh: Mesh):
+        self._ctx = [jax.set_mesh(mesh), nn.logical_axis_rules(activation_rules(cfg))]
+
+    def __enter__(self):
+        for c in self._ctx:
+            c.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for c in reversed(self._ctx):
+            c.__exit__(*exc)
+
+
+def shard_shapes(tree, shardings) -> Any:
+    """Per-device shard shapes of a pytree of arrays/ShapeDtypeStructs under shardings."""
+    return jax.tree.map(lambda x, s: tuple(s.shard_shape(tuple(x.shape))), tree, shardings)
+
+
+# ----------------------------------------------------------------------------- state & step
+
+
+def create_sharded_state(init_fn: Callable, cfg, mesh: Mesh, *args):
+    """(state, shardings): `init_fn(*args)` run under jit with out_shardings, so every
+    device materialises only its own shards (no full copy on any host)."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = state_shardings(abstract, cfg, mesh)
+    with mesh_context(cfg, mesh):
+        state = jax.jit(init_fn, out_shardings=shardings)(*args)
+    return state, shardings
+
+
+def abstract_with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying shardings: what AOT lowering and orbax restore take."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+class ShardedStep:
+    """`step(state, batch)` jitted with explicit in/out shardings for the state (params,
+    optimizer state, step, rng) and the batch; metrics come back replicated. The input
+    state is donated: its buffers become the new state's."""
+
+    def __init__(self, step_fn: Callable, cfg, mesh: Mesh, shardings, donate: bool = True):
+        self.cfg, self.mesh, self.shardings = cfg, mesh, shardings
+        self.batch_sharding = batch_sharding(cfg, mesh)
+        self._jit = jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
+                            out_shardings=(shardings, NamedSharding(mesh, P())),
+                            donate_argnums=(0,) if donate else ())
+
+    def __call__(self, state, batch):
+        with mesh_context(self.cfg, self.mesh):
+            return self._jit(state, batch)
+
+    def lower(self, state, batch):
+        with mesh_context(self.cfg, self.mesh):
+            return self._jit.lower(state, batch)
+
+
+def shard_train_step(step_fn: Callable, cfg, mesh: Mesh, shardings, donate: bool = True):
+    return ShardedStep(step_fn, cfg, mesh, shardings, donate)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def data_slice(sharding: NamedSharding, global_rows: int,
+               process_index: int | None = None) -> tuple[int, int]:
+    """(index, count): this process needs rows [index*n, (index+1)*n) of every global batch,
+    n = global_rows / count. The loader reads exactly that slice (StageLoader's
+    process_index/process_count). count < process_count when processes share a slice
+    (e.g. a tensor axis spanning hosts)."""
+    pi = jax.process_index() if process_index is None else process_index
+    devs = [d for d in sharding.mesh.devices.flat if d.process_index == pi]
+    idx = sharding.devices_indices_map((global_rows,))
+    rows = set()
+    for d in devs:
+        sl = idx[d][0]
+        rows.update(range(*sl.indices(global_rows)))
+    lo, hi = min(rows), max(rows) + 1
+    n = hi - lo
+    if len(rows) != n or global_rows % n or lo % n:
+        raise ShardingError(f"the batch sharding gives process {pi} rows that are not one "
+                            "aligned contiguous block; order the mesh process-major")
+    return lo // n, global_rows // n
+
+
+def global_batch(local_batch: Mapping, sharding: NamedSharding, global_rows: int) -> dict:
+    """This process's rows of a batch (numpy) -> global jax Arrays laid out by `sharding`."""
+    out = {}
+    for k, v in local_batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(sharding, v,
+                                                        (global_rows,) + v.shape[1:])
+    return out
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+    """How (and whether) to call jax.distributed.initialize; `source` says who decided.
+
+    mode: 'single' (one process, no initialize), 'explicit' (address/count/id known),
+    'auto' (initialize() with no args: JAX's own TPU-VM cluster detection).
+    """
+    mode: str
+    source: str
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
+
+
+def _int(value, what: str) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ShardingError(f"{what}: expected an integer, got {value!r}") from None
+
+
+def slurm_first_host(nodelist: str) -> str:
+    """The first host of a Slurm hostlist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    m = re.match(r"\s*([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", nodelist)
+    if not m or not m.group(1):
+        raise ShardingError(f"SLURM nodelist: cannot parse {nodelist!r}")
+    prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
+    if ranges is None:
+        return prefix + suffix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first + suffix
+
+
+def distributed_settings(flags: Mapping[str, Any] | None = None,
+                         environ: Mapping[str, str] | None = None) -> DistributedSettings:
+    """Decides the multi-host settings, first match wins:
+
+    1. flags: coordinator_address, num_processes, process_id (all three, or none);
+       flags['distributed'] == 'off' forces one process, 'auto' (default) detects.
+    2. JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+    3. Slurm (SLURM_JOB_ID, SLURM_NTASKS > 1): id SLURM_PROCID, count SLURM_NTASKS,
+       coordinator the first host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) at
+       flags['coordinator_port']; several tasks per node -> one GPU each (SLURM_LOCALID).
+    4. TPU VM (TPU_WORKER_HOSTNAMES / TPU_ACCELERATOR_TYPE / TPU_NAME): 'auto'.
+    5. otherwise one process.
+    """
+    flags = dict(flags or {})
+    env = os.environ if environ is None else environ
+    mode = flags.get("distributed") or "auto"
+    if mode not in ("auto", "off"):
+        raise ShardingError(f"--distributed: expected 'auto' or 'off', got {mode!r}")
+    if mode == "off":
+        return DistributedSettings("single", "flags")
+    local_ids = flags.get("local_device_ids")
+    local_ids = tuple(_int(x, "--local_device_ids") for x in str(local_ids).split(",")) \
+        if local_ids not in (None, "") else None
+
+    keys = ("coordinator_address", "num_processes", "process_id")
+    given = [flags.get(k) not in (None, "") for k in keys]
+    if any(given):
+        if not all(given):
+            missing = [f"--{k}" for k, g in zip(keys, given) if not g]
+            raise ShardingError(f"distributed flags: also set {', '.join(missing)}")
+        return _explicit("flags", flags["coordinator_address"],
+                         _int(flags["num_processes"], "--num_processes"),
+                         _int(flags["process_id"], "--process_id"), local_ids)
+
+    env_keys = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    given = [bool(env.get(k)) for k in env_keys]
+    if any(given):
+        if not all(given):
+            missing = [k for k, g in zip(env_keys, given) if not g]
+            raise ShardingError(f"environment: also set {', '.join(missing)}")
+        return _explicit("env", env["JAX_COORDINATOR_ADDRESS"],
+                         _int(env["JAX_NUM_PROCESSES"], "JAX_NUM_PROCESSES"),
+                         _int(env["JAX_PROCESS_ID"], "JAX_PROCESS_ID"), local_ids)
+
+    if env.get("SLURM_JOB_ID") and _int(env.get("SLURM_NTASKS", "1"), "SLURM_NTASKS") > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise ShardingError("Slurm: SLURM_NTASKS > 1 but no SLURM_STEP_NODELIST / "
+                                "SLURM_JOB_NODELIST; launch with srun")
+        port = _int(flags.get("coordinator_port") or 12345, "--coordinator_port")
+        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+        if local_ids is None and _int(tasks_per_node, "SLURM_NTASKS_PER_NODE") > 1:
+            local_ids = (_int(env.get("SLURM_LOCALID", "0"), "SLURM_LOCALID"),)
+        return _explicit("slurm", f"{slurm_first_host(nodelist)}:{port}",
+                         _int(env["SLURM_NTASKS"], "SLURM_NTASKS"),
+                         _int(env.get("SLURM_PROCID", "0"), "SLURM_PROCID"), local_ids)
+
+    if any(env.get(k) for k in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_NAME")):
+        return DistributedSettings("auto", "tpu_vm")
+    return DistributedSettings("single", "default")
+
+
+def _explicit(source, address, n, pid, local_ids) -> DistributedSettings:
+    if ":" not in str(address):
+        raise ShardingError(f"{source}: coordinator address {address!r} needs HOST:PORT")
+    if n <= 0 or not (0 <= pid < n):
+        raise ShardingError(f"{source}: process id {pid} is not in [0, {n})")
+    if n == 1:
+        return DistributedSettings("single", source)
+    return DistributedSettings("explicit", source, str(address), n, pid, local_ids)
+
+
+def initialize(settings: DistributedSettings) -> DistributedSettings:
+    """Starts JAX's multi-controller runtime as `settings` say (CPU collectives: gloo).
+
+    Call before anything touches devices."""
+    if settings.mode == "single":
+        return settings
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if settings.mode == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(
+            coordinator_address=settings.coordinator_address,
+            num_processes=settings.num_processes, process_id=settings.process_id,
+            local_device_ids=list(settings.local_device_ids)
+            if settings.local_device_ids is not None else None)
+    return settings
+
+
+def define_flags():
+    """absl flags for `crystal.train`: explicit multi-host settings (else auto-detected)."""
+    from absl import flags
+    flags.DEFINE_enum("distributed", "auto", ["auto", "off"],
+                      "auto: flags, then JAX_* env, Slurm, TPU VM; off: one process.")
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+    flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+    flags.DEFINE_string("local_device_ids", None, "Comma-separated local devices to use.")
+    flags.DEFINE_integer("coordinator_port", 12345, "Coordinator port under Slurm.")
+
+
+FLAG_NAMES = ("distributed", "coordinator_address", "num_processes", "process_id",
+              "local_device_ids", "coordinator_port")
+
+
+def settings_from_absl(flag_values=None) -> DistributedSettings:
+    from absl import flags
+    fv = flags.FLAGS if flag_values is None else flag_values
+    return distributed_settings({k: getattr(fv, k) for k in FLAG_NAMES if k in fv})

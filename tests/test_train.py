@@ -1,0 +1,306 @@
+"""The training loop: exact resume, stage restarts, accumulation, float32 checkpoints, NaN
+quarantine, preemption and bad-input errors, on a real prepared sample corpus."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crystal import checkpoint as ckpt_lib
+from crystal import config, optim, train
+from crystal.data import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Seconds-long runs: one layer, 32-token rows, 4-row batches, 6 + 6 + 4 steps.
+BASE = {
+    "model.num_layers": 1, "data.seq_len": 32, "train.global_batch_size": 4,
+    "stages.stage_1.steps": 6, "stages.stage_2.steps": 6, "stages.stage_3.steps": 4,
+    "checkpoint.every_steps": 4, "checkpoint.keep_recent": 2,
+    "checkpoint.release_per_chunk": False, "metrics.tensorboard": False,
+    "metrics.plot": False, "train.eval_batches": 1, "train.progress": False,
+}
+
+
+def make_cfg(**over):
+    o = dict(BASE)
+    o.update(over)
+    return config.load("crystalcoder_tiny", o)
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """A prepared data dir (copied into each workdir) and a session compilation cache."""
+    root = tmp_path_factory.mktemp("train")
+    cache = root / "jax_cache"
+    BASE["train.compilation_cache"] = str(cache)
+    prepare.ensure_prepared(make_cfg(), root / "base")
+    return root
+
+
+def workdir(env, name) -> Path:
+    wd = env / name
+    shutil.copytree(env / "base" / "data", wd / "data")
+    return wd
+
+
+def losses(wd) -> dict:
+    out = {}
+    for line in (Path(wd) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def read_state(wd, step=None):
+    with ckpt_lib.Checkpointer(Path(wd) / "checkpoints", read_only=True) as c:
+        step = c.latest_step() if step is None else step
+        return c.restore(step) + (step,)
+
+
+def trees_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                      for x, y in zip(la, lb))
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _random_batch(cfg, rows, seed=0):
+    rng = np.random.default_rng(seed)
+    L = cfg.data.seq_len
+    mask = np.ones((rows, L), np.float32)
+    mask[:, -3:] = 0.0                      # padding: uneven token counts per row
+    mask[1, :10] = 0.0
+    return dict(inputs=rng.integers(0, 2000, (rows, L)).astype(np.int32),
+                targets=rng.integers(0, 2000, (rows, L)).astype(np.int32),
+                loss_mask=mask, segment_ids=np.ones((rows, L), np.int32),
+                source_id=(np.arange(rows) % 3).astype(np.int32))
+
+
+def test_grad_accumulation_equals_one_large_batch():
+    """4 micro-batches of 2 rows give the one 8-row batch's gradient: with SGD at LR 1 the
+    param change *is* the gradient; with the real AdamW the step's metrics agree."""
+    import optax
+    outs = {}
+    for accum in (1, 4):
+        cfg = make_cfg(**{"train.global_batch_size": 8, "train.grad_accum": accum})
+        params = train.init_state(cfg, jax.random.key(0), optim.make_optimizer(cfg, 1)).params
+        for name, opt in (("sgd", optax.sgd(1.0)), ("adamw", optim.make_optimizer(cfg, 1))):
+            state = train.TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                                     opt_state=opt.init(params),
+                                     rng=jax.random.key_data(jax.random.key(0)))
+            step = jax.jit(train.make_train_step(cfg, opt, num_sources=3))
+            outs[accum, name] = step(state, _random_batch(cfg, 8))
+    (s1, m1), (s4, m4) = outs[1, "sgd"], outs[4, "sgd"]
+    assert float(m1["tokens"]) == float(m4["tokens"]) == 8 * 29 - 10
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["source_loss"], m4["source_loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    (_, a1), (_, a4) = outs[1, "adamw"], outs[4, "adamw"]
+    np.testing.assert_allclose(a1["grad_norm"], a4["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(a1["update_norm"], a4["update_norm"], rtol=1e-3)
+
+
+def test_non_finite_step_leaves_params_and_optimizer_unchanged():
+    cfg = make_cfg()
+    opt = optim.make_optimizer(cfg, 1)
+    state = train.init_state(cfg, jax.random.key(0), opt)
+    step = jax.jit(train.make_train_step(cfg, opt))
+    state, m = step(state, _random_batch(cfg, 4))
+    assert int(m["skipped"]) == 0
+    bad = _random_batch(cfg, 4, seed=1)
+    bad["poison"] = np.asarray([0, np.nan, 0, 0], np.float32)
+    new, m = step(state, bad)
+    assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"]))
+    assert int(new.step) == int(state.step) + 1
+    assert trees_equal(new.params, state.params)
+    assert trees_equal(new.opt_state, state.opt_state)   # incl. the schedule count
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_default_stages_resume_bit_identical_and_float32_checkpoints(env):
+    """Stop at step 4 of stage 1, restart the same run: every later loss (through the stage
+    2 boundary) equals the uninterrupted run's bit for bit, and so do the final params."""
+    cfg = make_cfg(**{"stages.stage_3.steps": 1, "model.compute_dtype": "bfloat16"})
+    full = workdir(env, "full")
+    out = train.run(cfg, full)
+    assert out["final_step"] == 13 and out["preempted"] is None
+    part = workdir(env, "part")
+    out = train.run(cfg, part, stop_after_steps=4)
+    assert out["preempted"] and out["final_step"] == 4
+    out = train.run(cfg, part)
+    assert out["start"]["kind"] == "resume" and out["final_step"] == 13
+
+    lf, lp = losses(full), losses(part)
+    assert sorted(lf) == sorted(lp) == list(range(1, 14))
+    assert all(lf[s] == lp[s] for s in lf), {s: (lf[s], lp[s]) for s in lf if lf[s] != lp[s]}
+    assert np.mean([lf[s] for s in (11, 12, 13)]) < np.mean([lf[s] for s in (1, 2, 3)])
+
+    sf, df, mf, step = read_state(full)
+    sp, dp, mp, _ = read_state(part)
+    assert step == 13 and mf["stage"] == 3 and mf["stage_done"]
+    assert trees_equal(sf["params"], sp["params"]) and trees_equal(sf["opt_state"],
+                                                                   sp["opt_state"])
+    assert df == dp
+    # bf16 compute, float32 master params and moments on disk (LLM360's Amber lesson).
+    for leaf in jax.tree.leaves(sf["params"]) + jax.tree.leaves(sf["opt_state"][1]):
+        if np.issubdtype(np.asarray(leaf).dtype, np.floating):
+            assert np.asarray(leaf).dtype == np.float32
+    assert mf["data_sha256"] and mf["config"]["name"] == "crystalcoder_tiny"
+    # The metrics every step carries.
+    rec = [r for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())
+           if r["step"] == 8 and "loss" in r][0]
+    for k in ("loss", "grad_norm", "param_norm", "update_norm", "lr", "lr/hidden",
+              "tokens_seen", "tokens_per_s", "mfu", "step_time", "data_wait", "stage",
+              "chunk", "skipped_steps"):
+        assert k in rec, k
+    assert any(k.startswith("loss/slimpajama") for k in rec)
+    assert rec["lr/hidden"] == pytest.approx(rec["lr"] / 4)
+    # Re-running a finished workdir does nothing and overwrites nothing.
+    assert train.run(cfg, full)["start"]["kind"] == "complete"
+
+
+def test_stage_restarts(env):
+    cfg = make_cfg(**{"stages.stage_3.steps": 1, "checkpoint.keep_recent": 5})
+    # --stage=2 with no stage-1 checkpoint: a clear error naming what to run.
+    wd = workdir(env, "stage2_missing")
+    with pytest.raises(train.TrainError, match=r"stage 1's final checkpoint.*--stage=1"):
+        train.run(cfg, wd, stage=2)
+    assert not list((wd / "checkpoints").glob("[0-9]*"))
+
+    # Stage 1 alone ends with a permanent stage-final checkpoint; --stage=2 continues it.
+    src = workdir(env, "stage1")
+    train.run(cfg, src, stop_after_steps=6)
+    s1, _, m1, step1 = read_state(src)
+    assert (step1, m1["stage"], m1["stage_done"]) == (6, 1, True)
+    out = train.run(cfg, src, stage=2, stop_after_steps=1)
+    assert out["start"]["kind"] == "after"
+
+    # --init_from a mid-stage checkpoint (LLM360's "from 50%, new data mix"): params and
+    # Adam moments kept, the new stage's schedule restarted at 0.
+    wd = workdir(env, "from_mid")
+    out = train.run(cfg, wd, stage=2, init_from=str(src / "checkpoints" / "4"),
+                    stop_after_steps=1)
+    assert out["start"]["kind"] == "init_from"
+    s_src, _, _, _ = read_state(src, 4)
+    s0, _, m0, step0 = read_state(wd, 4)             # saved as the stage starts
+    assert step0 == 4 and m0["stage"] == 2 and m0["stage_step"] == 0
+    assert trees_equal(s0["params"], s_src["params"])
+    assert trees_equal(s0["opt_state"][1], s_src["opt_state"][1])      # moments kept
+    assert int(np.asarray(s0["opt_state"][-1]["count"])) == 0
+
+    # reset_optimizer: params kept, moments zeroed.
+    cfg_r = make_cfg(**{"stages.stage_3.steps": 1, "checkpoint.keep_recent": 5,
+                        "stages.stage_2.reset_optimizer": True})
+    wd = workdir(env, "reset")
+    train.run(cfg_r, wd, stage=2, init_from=str(src / "checkpoints" / "6"),
+              stop_after_steps=1)
+    s0, _, _, _ = read_state(wd, 6)
+    assert trees_equal(s0["params"], s1["params"])
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(s0["opt_state"][1]["mu"]))
+
+    # A workdir already past stage 1 refuses to re-run stage 2 over its own history.
+    with pytest.raises(train.TrainError, match="already holds stage 2"):
+        train.run(cfg, src, stage=3)
+
+
+def test_nan_chunk_is_quarantined_after_rollback(env):
+    """Rows of one data chunk make the loss NaN: those steps are skipped and counted; after
+    max_bad_steps in the window the run rolls back to the last good checkpoint, quarantines
+    that chunk from there (quarantine.json) and trains on with finite losses."""
+    chunk = "slimpajama.even.RedPajamaCommonCrawl:1"
+    cfg = make_cfg(**{"train.global_batch_size": 8, "stages.stage_1.steps": 10,
+                      "train.fault_nan_chunks": chunk, "train.max_bad_steps": 2,
+                      "train.bad_step_window": 6, "checkpoint.every_steps": 2})
+    wd = workdir(env, "nan")
+    out = train.run(cfg, wd, stop_after_steps=12)
+    assert out["rollbacks"] == 1
+    q = json.loads((wd / train.QUARANTINE_FILE).read_text())
+    assert q["chunks"] == [chunk]
+    inc = q["incidents"][0]
+    assert inc["stage"] == 1 and len(inc["bad_stage_steps"]) == 2
+    assert inc["rolled_back_to_step"] <= inc["bad_stage_steps"][0]
+    recs = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "loss" in r]
+    # One history per step: what the bad timeline logged after the rollback point is gone.
+    assert len({r["step"] for r in recs}) == len(recs)
+    after = [r for r in recs if r["step"] > inc["rolled_back_to_step"]]
+    assert after and all(r["skipped"] == 0 and np.isfinite(r["loss"]) for r in after)
+    assert recs[-1]["skipped_steps"] == 2
+    # The skip is part of the data state: the loader replaces the chunk's rows from then on.
+    _, data, meta, _ = read_state(wd)
+    assert {"chunk": chunk, "from_step": inc["from_stage_step"]} in data["skips"]
+
+
+def _cli(args, **kw):
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    cmd = [sys.executable, "-m", "crystal.train", "--config=configs/crystalcoder_tiny.py"]
+    cmd += [f"--config.{k}={v}" for k, v in BASE.items()] + list(args)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_rerun_continues(env):
+    wd = workdir(env, "preempt")
+    args = [f"--workdir={wd}", "--config.stages.stage_1.steps=200",
+            "--config.stages.stage_2.steps=1", "--config.stages.stage_3.steps=1"]
+    p = _cli(args)
+    metrics = wd / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, p.communicate()[0]
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert "stopped (signal SIGTERM)" in out
+    _, _, meta, step = read_state(wd)
+    assert 3 <= step < 200 and meta["stage"] == 1 and not meta["stage_done"]
+    assert max(losses(wd)) == step
+    # Rerunning continues from there (checked on a shortened stage: same workdir identity
+    # is required, so shorten via stop_after_steps instead).
+    p = _cli(args + ["--stop_after_steps=2"])
+    out, _ = p.communicate(timeout=180)
+    assert p.returncode == 0, out
+    _, _, meta, step2 = read_state(wd)
+    assert step2 == step + 2 and sorted(losses(wd)) == list(range(1, step2 + 1))
+
+
+def test_bad_inputs_fail_in_one_line_and_touch_nothing(env):
+    # Bad config value: one line naming the field, exit 2.
+    p = _cli([f"--workdir={env / 'bad_cfg'}", "--config.train.grad_accum=3"])
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert out.strip().splitlines()[-1].startswith("error: config field train.grad_accum")
+    assert not (env / "bad_cfg").exists()
+    # A workdir holding another config's run.
+    wd = workdir(env, "other")
+    train.check_workdir(make_cfg(), wd)
+    before = (wd / train.RUN_FILE).read_bytes()
+    with pytest.raises(train.TrainError, match="holds a run of another config"):
+        train.run(make_cfg(**{"model.d_model": 64, "model.num_heads": 2}), wd)
+    assert (wd / train.RUN_FILE).read_bytes() == before
+    assert not (wd / "checkpoints").exists()
+    # Missing data: the input folder does not exist.
+    from crystal.data.sources import DataError
+    with pytest.raises(DataError):
+        train.run(make_cfg(**{"data.input": str(env / "no_such_dir")}), env / "nodata")
+    assert not (env / "nodata" / "checkpoints").exists()
