@@ -129,7 +129,8 @@ def test_crystal_to_hf_parity(variant, tokens):
 
 
 def _random_hf(cfg, seed=1):
-    """A transformers model with random weights everywhere crystal has a place for."""
+    """A transformers model with random weights everywhere (HF's init is as uniform-attention
+    as crystal's)."""
     hcfg = hf.hf_config(cfg)
     m = hf_model(hcfg)
     g = torch.Generator().manual_seed(seed)
@@ -139,8 +140,11 @@ def _random_hf(cfg, seed=1):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            else:  # (out, in) matrices; q, k large so attention is far from uniform
+                big = 2.0 if ("q_proj" in name or "k_proj" in name) else 1.0
+                p.copy_(big / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
         if cfg.model.tie_embeddings:  # one tensor E: embed = E x emb_mult, head = E x logit
             spec = model_lib.ModelSpec.from_config(cfg)
             m.lm_head.weight.copy_(m.model.embed_tokens.weight / spec.embedding_multiplier

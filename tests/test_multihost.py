@@ -107,3 +107,31 @@ def test_each_process_reads_only_its_slice(runs):
         # Process 0 holds the first half of the global batch, process 1 the second.
         assert p0 + p1 == ref["rows"][step], step
     assert ref["local_rows"] == [B] * STEPS
+
+
+def test_train_cli_two_processes_match(runs, loader_workdir):
+    """`python -m crystal.train` itself, two processes from the JAX_* environment, gives the
+    single-process reference's first losses."""
+    import shutil
+    wd = runs["tmp"] / "cli"
+    shutil.copytree(Path(loader_workdir) / "data", wd / "data")
+    port = _free_port()
+    over = {"data.sample_max_mb": 2.0, "mesh.fsdp": 2, "mesh.tensor": 2,
+            "metrics.tensorboard": False, "metrics.plot": False, **OVERRIDES}
+    procs = []
+    for i in range(2):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("JAX_", "SLURM_", "TPU_"))}
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+                             "--xla_backend_optimization_level=0")
+        cmd = [sys.executable, "-m", "crystal.train", "--config=configs/crystalcoder_tiny.py",
+               f"--workdir={wd}", f"--stop_after_steps={STOP}"] + \
+              [f"--config.{k}={v}" for k, v in over.items()]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=HERE.parent, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    _wait(procs)
+    recs = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r and "step" in r][:STOP]
+    np.testing.assert_allclose(losses, runs["ref"]["losses"][:STOP], rtol=1e-5, atol=0)

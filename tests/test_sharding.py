@@ -280,3 +280,19 @@ def test_plan_bad_input_is_one_line_error():
                        capture_output=True, text=True, timeout=300, cwd=HERE.parent)
     assert p.returncode != 0
     assert p.stderr.strip().splitlines()[-1].startswith("error: --per_device_batch=2")
+
+
+@pytest.mark.skipif(not os.environ.get("CRYSTAL_PLAN_7B"),
+                    reason="a 7B plan compiles for minutes; set CRYSTAL_PLAN_7B=1 (docs/scale.md)")
+def test_plan_crystalcoder_7b_on_64_h200(tmp_path):
+    out = tmp_path / "plan.json"
+    p = subprocess.run([sys.executable, "-m", "crystal.plan",
+                        "--config=configs/crystalcoder_7b.py", "--mesh=data=1,fsdp=64,tensor=1",
+                        "--per_device_batch=33", f"--json_out={out}"],
+                       capture_output=True, text=True, timeout=1800, cwd=HERE.parent)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    pd = r["per_device"]
+    assert r["params"] == 6_575_278_720 and r["grad_accum"] == 1
+    assert 1.0 <= pd["params"] / (r["params"] * 4 / 64) < 1.01   # all but norms/biases split
+    assert r["fits"]["h200"]["fits"] and not r["fits"]["a100-80gb"]["fits"]

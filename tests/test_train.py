@@ -1,5 +1,6 @@
 """The training loop: exact resume, stage restarts, accumulation, float32 checkpoints, NaN
 quarantine, preemption and bad-input errors, on a real prepared sample corpus."""
+import functools
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from crystal import checkpoint as ckpt_lib
-from crystal import config, optim, train
+from crystal import config, model, optim, train
 from crystal.data import prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,46 +86,47 @@ def _random_batch(cfg, rows, seed=0):
     return dict(inputs=rng.integers(0, 2000, (rows, L)).astype(np.int32),
                 targets=rng.integers(0, 2000, (rows, L)).astype(np.int32),
                 loss_mask=mask, segment_ids=np.ones((rows, L), np.int32),
-                source_id=(np.arange(rows) % 3).astype(np.int32))
+                source_id=(np.arange(rows) % 3).astype(np.int32),
+                poison=np.zeros(rows, np.float32))
+
+
+@functools.cache
+def _jitted_step(accum):
+    """The real AdamW step; eps = 1 keeps Adam's update a smooth function of the gradient
+    (at eps 1e-9, m / sqrt(v) of a near-zero gradient amplifies float rounding)."""
+    cfg = make_cfg(**{"train.grad_accum": accum, "optim.eps": 1.0})
+    opt = optim.make_optimizer(cfg, 1)
+    return cfg, opt, jax.jit(train.make_train_step(cfg, opt, num_sources=3))
 
 
 def test_grad_accumulation_equals_one_large_batch():
-    """4 micro-batches of 2 rows give the one 8-row batch's gradient: with SGD at LR 1 the
-    param change *is* the gradient; with the real AdamW the step's metrics agree."""
-    import optax
+    """4 micro-batches of 1 row give the same update as the one 4-row batch."""
     outs = {}
     for accum in (1, 4):
-        cfg = make_cfg(**{"train.global_batch_size": 8, "train.grad_accum": accum})
-        params = train.init_state(cfg, jax.random.key(0), optim.make_optimizer(cfg, 1)).params
-        for name, opt in (("sgd", optax.sgd(1.0)), ("adamw", optim.make_optimizer(cfg, 1))):
-            state = train.TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                                     opt_state=opt.init(params),
-                                     rng=jax.random.key_data(jax.random.key(0)))
-            step = jax.jit(train.make_train_step(cfg, opt, num_sources=3))
-            outs[accum, name] = step(state, _random_batch(cfg, 8))
-    (s1, m1), (s4, m4) = outs[1, "sgd"], outs[4, "sgd"]
-    assert float(m1["tokens"]) == float(m4["tokens"]) == 8 * 29 - 10
+        cfg, opt, step = _jitted_step(accum)
+        state = train.init_state(cfg, jax.random.key(0), opt)
+        outs[accum] = step(state, _random_batch(cfg, 4))
+    (s1, m1), (s4, m4) = outs[1], outs[4]
+    assert float(m1["tokens"]) == float(m4["tokens"]) == 4 * 29 - 10
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["source_loss"], m4["source_loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(m1["update_norm"], m4["update_norm"], rtol=1e-5)
+    assert float(m1["update_norm"]) > 0
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    (_, a1), (_, a4) = outs[1, "adamw"], outs[4, "adamw"]
-    np.testing.assert_allclose(a1["grad_norm"], a4["grad_norm"], rtol=1e-5)
-    np.testing.assert_allclose(a1["update_norm"], a4["update_norm"], rtol=1e-3)
 
 
 def test_non_finite_step_leaves_params_and_optimizer_unchanged():
-    cfg = make_cfg()
-    opt = optim.make_optimizer(cfg, 1)
+    cfg, opt, step = _jitted_step(1)
     state = train.init_state(cfg, jax.random.key(0), opt)
-    step = jax.jit(train.make_train_step(cfg, opt))
     state, m = step(state, _random_batch(cfg, 4))
     assert int(m["skipped"]) == 0
     bad = _random_batch(cfg, 4, seed=1)
     bad["poison"] = np.asarray([0, np.nan, 0, 0], np.float32)
     new, m = step(state, bad)
     assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"]))
+    assert list(np.asarray(m["row_finite"])) == [True, False, True, True]   # blames row 1
     assert int(new.step) == int(state.step) + 1
     assert trees_equal(new.params, state.params)
     assert trees_equal(new.opt_state, state.opt_state)   # incl. the schedule count
@@ -224,8 +226,7 @@ def test_nan_chunk_is_quarantined_after_rollback(env):
     max_bad_steps in the window the run rolls back to the last good checkpoint, quarantines
     that chunk from there (quarantine.json) and trains on with finite losses."""
     chunk = "slimpajama.even.RedPajamaCommonCrawl:1"
-    cfg = make_cfg(**{"train.global_batch_size": 8, "stages.stage_1.steps": 10,
-                      "train.fault_nan_chunks": chunk, "train.max_bad_steps": 2,
+    cfg = make_cfg(**{"stages.stage_1.steps": 10, "train.fault_nan_chunks": chunk, "train.max_bad_steps": 2,
                       "train.bad_step_window": 6, "checkpoint.every_steps": 2})
     wd = workdir(env, "nan")
     out = train.run(cfg, wd, stop_after_steps=12)

@@ -82,7 +82,7 @@ def loss_sums(params, batch, cfg, num_sources: int = 1):
     loss_BxL, mask_BxL = _token_losses(params, batch, cfg)
     oh_BxLxS = _source_onehot(batch, mask_BxL, num_sources)
     total = jnp.sum(loss_BxL)
-    aux = dict(tokens=jnp.sum(mask_BxL),
+    aux = dict(tokens=jnp.sum(mask_BxL), row_loss=jnp.sum(loss_BxL, axis=-1),
                source_loss=jnp.einsum("bl,bls->s", loss_BxL, oh_BxLxS),
                source_tokens=jnp.einsum("bl,bls->s", mask_BxL, oh_BxLxS))
     return total, aux
@@ -126,21 +126,24 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, num_sources: i
         def micro_step(carry, mb):
             g_acc, loss_acc, aux_acc = carry
             g, aux = grad_fn(state.params, mb, cfg, num_sources)
-            loss_acc = loss_acc + jnp.sum(aux["source_loss"])
+            row_loss = aux.pop("row_loss")
+            loss_acc = loss_acc + jnp.sum(row_loss)
             g_acc = jax.tree.map(jnp.add, g_acc, g)
             aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
-            return (g_acc, loss_acc, aux_acc), None
+            return (g_acc, loss_acc, aux_acc), row_loss
 
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
         zeros_aux = dict(tokens=jnp.zeros([], jnp.float32),
                          source_loss=jnp.zeros([num_sources], jnp.float32),
                          source_tokens=jnp.zeros([num_sources], jnp.float32))
-        (g_sum, loss_sum, aux), _ = jax.lax.scan(
+        (g_sum, loss_sum, aux), row_loss_AxR = jax.lax.scan(
             micro_step, (zeros_g, jnp.zeros([], jnp.float32), zeros_aux), micro)
+        row_loss_B = jnp.swapaxes(row_loss_AxR, 0, 1).reshape(-1)   # back to row order
         if poison is not None:
-            p = jnp.sum(poison.astype(jnp.float32))
-            loss_sum = loss_sum + p
-            g_sum = jax.tree.map(lambda g: g + p, g_sum)
+            poison_B = poison.astype(jnp.float32)
+            row_loss_B = row_loss_B + poison_B
+            loss_sum = loss_sum + jnp.sum(poison_B)
+            g_sum = jax.tree.map(lambda g: g + jnp.sum(poison_B), g_sum)
         n = jnp.maximum(aux["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / n, g_sum)
         loss = loss_sum / n
@@ -161,6 +164,7 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, num_sources: i
             schedule_step=optim_lib.schedule_count(state.opt_state),
             lr=optim_lib.current_lr(state.opt_state),
             skipped=(~ok).astype(jnp.int32),
+            row_finite=jnp.isfinite(row_loss_B),   # which rows' data made a step go bad
         )
         new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
                                opt_state=keep(new_opt, state.opt_state), rng=state.rng)
@@ -591,8 +595,8 @@ def run(cfg, workdir, stage: int | None = None, init_from: str | None = None,
                 batch = next(loader)
                 s_before = loader.step - 1
                 names = _chunk_names(batch, group_names)
-                if cfg.train.fault_nan_chunks:
-                    batch["poison"] = _poison(names, cfg.train.fault_nan_chunks)
+                # Always present (zeros unless faults are injected): one compiled step.
+                batch["poison"] = _poison(names, cfg.train.fault_nan_chunks)
                 dev = sharding_lib.global_batch({k: v for k, v in batch.items()
                                                  if k in STEP_KEYS}, bsh, B)
                 t_data = time.perf_counter() - t0
@@ -637,7 +641,8 @@ def run(cfg, workdir, stage: int | None = None, init_from: str | None = None,
                 if skipped:
                     progress.write(f"warning: non-finite loss/grad at step {int(state.step)} "
                                    f"(stage {stage_n} step {s_before}); update skipped")
-                    bad.append((s_before, names))
+                    rows_bad = [n for n, f in zip(names, m["row_finite"]) if not f]
+                    bad.append((s_before, rows_bad or names))
                 while bad and bad[0][0] <= loader.step - 1 - int(cfg.train.bad_step_window):
                     bad.popleft()
                 if len(bad) >= int(cfg.train.max_bad_steps):
@@ -716,11 +721,13 @@ def _flat(d, prefix=""):
 
 
 def _rollback(r: _Run, stage_n: int, bad, loader, abstract, shardings, fresh_init, progress):
-    """Back to the last checkpoint before the first bad step; quarantine the data chunk that
-    appears in the most bad steps (from that step on); record it in quarantine.json."""
+    """Back to the last checkpoint before the first bad step; quarantine the data chunk with
+    the most non-finite rows in the bad steps (rows are independent in the forward pass, so
+    a data fault shows in its own rows' losses), from that step on; log it in
+    quarantine.json."""
     counts = collections.Counter()
     for _, names in bad:
-        counts.update(set(names))
+        counts.update(names)
     culprit, hits = counts.most_common(1)[0]
     skipped_now = {s.chunk for s in loader.mixture.skips}
     if culprit in skipped_now:

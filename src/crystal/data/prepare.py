@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -440,27 +441,31 @@ def _without_main_module():
 
 class _Pool:
     """Ordered maps over one set of worker processes ('spawn': safe after JAX init, unlike
-    fork); in-process when workers <= 1."""
+    fork); in-process when workers <= 1. A worker that dies is an error, never a hang."""
 
     def __init__(self, workers: int):
-        self.workers, self.pool = workers, None
+        self.workers, self.ex = workers, None
 
     def map(self, fn, jobs):
         if self.workers <= 1 or len(jobs) <= 1:
             return [fn(j) for j in jobs]
-        if self.pool is None:
+        # By module name: under `python -m crystal.data.prepare` fn lives in __main__,
+        # which the workers do not import.
+        fn = getattr(importlib.import_module("crystal.data.prepare"), fn.__name__)
+        if self.ex is None:
+            import concurrent.futures as cf
             import multiprocessing as mp
-            with _without_main_module():
-                self.pool = mp.get_context("spawn").Pool(self.workers)
-        return list(self.pool.imap(fn, jobs, chunksize=1))
+            self.ex = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        with _without_main_module():  # the processes start on first submit
+            it = self.ex.map(fn, jobs)
+        return list(it)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.terminate() if exc[0] else self.pool.close()
-            self.pool.join()
+        if self.ex is not None:
+            self.ex.shutdown(wait=True, cancel_futures=exc[0] is not None)
 
 
 def prepare(cfg, workdir, input_dir=None, workers=None, on_bad_record=None,
