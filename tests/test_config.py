@@ -76,10 +76,13 @@ def _error_lines(stderr):
     return [ln for ln in stderr.splitlines() if ln.strip() and not ln[:1] in "IW"]
 
 
-@pytest.mark.parametrize("arg,field", [("--config.model.num_heads=3", "model.num_heads"),
-                                       ("--config.model.nope=3", "nope")])
-def test_cli_bad_override_exits_nonzero_with_one_line(arg, field):
-    r = _info("--config=configs/amber_tiny.py", arg)
+@pytest.mark.parametrize("args,field", [
+    (["--config.model.num_heads=3"], "model.num_heads"),          # the default config
+    (["--config=configs/amber_tiny.py", "--config.model.nope=3"], "nope"),
+    (["--config=configs/nope.py"], "configs/nope.py"),
+])
+def test_cli_bad_input_exits_nonzero_with_one_line(args, field):
+    r = _info(*args)
     assert r.returncode != 0 and r.stdout == ""
     lines = _error_lines(r.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], r.stderr

@@ -110,7 +110,6 @@ def _flops(cfg, batch_rows: int) -> float:
 def plan(cfg, devices_to_check, usable_fraction: float, activations: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from crystal import model as model_lib, optim as optim_lib, sharding, train as train_lib
 
     mesh = sharding.make_mesh(cfg)
@@ -156,8 +155,6 @@ def plan(cfg, devices_to_check, usable_fraction: float, activations: bool = True
 
     fits = {}
     for d in devices_to_check:
-        if d not in DEVICES:
-            raise PlanError(f"--device: unknown device {d!r}; expected some of {list(DEVICES)}")
         fits[d] = dict(capacity=DEVICES[d], usable=int(DEVICES[d] * usable_fraction),
                        fits=bool(peak <= DEVICES[d] * usable_fraction))
     fallbacks = sharding.divisibility_fallbacks(cfg, mesh)
@@ -268,8 +265,12 @@ def main(argv):
         xf = [f for f in os.environ.get("XLA_FLAGS", "").split()
               if not f.startswith("--xla_force_host_platform_device_count")]
         os.environ["XLA_FLAGS"] = " ".join(xf + [f"--xla_force_host_platform_device_count={n}"])
+        for d in FLAGS.device:
+            if d not in DEVICES:
+                raise PlanError(f"--device: unknown device {d!r}; expected some of "
+                                f"{list(DEVICES)}")
         import jax
-        if "jax" in sys.modules and jax.device_count() != n:
+        if jax.device_count() != n:
             raise PlanError(f"JAX already started with {jax.device_count()} devices; run "
                             "crystal.plan in a fresh process")
         from crystal import sharding

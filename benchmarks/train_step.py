@@ -1,0 +1,177 @@
+"""Train-step speed: crystal vs litgpt vs transformers' LlamaForCausalLM, same shapes.
+
+    python benchmarks/train_step.py [--steps=5] [--batch=8] [--seq_len=128] [--sizes=7M,30M]
+
+One run on one machine: for each size (LLaMA/Amber structure: RMSNorm, full RoPE, SwiGLU,
+untied embeddings; float32 on CPU), the tokens/s of a full optimizer step (forward,
+backward, clipping, AdamW) in crystal (jitted `make_train_step`), in litgpt (lit-llama's
+successor, Amber's framework; `pip install crystal[bench]`) and in transformers with torch
+AdamW, and MFU against the machine's peak: the best float32 matmul FLOP/s under XLA. Model
+FLOPs per token are `crystal.metrics.flops_per_token` (6 x matmul params + attention) for
+all three, so the ratios are ratios of tokens/s. The last line is
+
+    ratio crystal/litgpt=X.XX crystal/transformers=Y.YY mfu=Z.ZZ
+
+for the largest size (nan where a peer is not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+
+SIZES = {  # name -> (d_model, layers, heads, ffn)
+    "7M": (256, 6, 4, 688),
+    "30M": (512, 8, 8, 1376),
+}
+VOCAB = 2048
+
+
+def crystal_cfg(size, seq_len, batch):
+    from crystal import config
+    d, L, H, F = SIZES[size]
+    return config.load("amber_tiny", {
+        "model.d_model": d, "model.num_layers": L, "model.num_heads": H, "model.ffn_dim": F,
+        "model.vocab_size": VOCAB, "model.max_seq_len": seq_len, "data.seq_len": seq_len,
+        "train.global_batch_size": batch, "model.compute_dtype": "float32"})
+
+
+def _tokens(batch, seq_len, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, VOCAB, (batch, seq_len + 1)).astype(np.int32)
+
+
+def _time(step_once, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step_once()
+    best = math.inf
+    for _ in range(steps):
+        t = time.perf_counter()
+        step_once()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_crystal(cfg, steps):
+    import jax
+    from crystal import model, optim, train
+    opt = optim.make_optimizer(cfg, 1)
+    state = train.init_state(cfg, jax.random.key(0), opt)
+    B, T = cfg.train.global_batch_size, cfg.data.seq_len
+    toks = _tokens(B, T)
+    batch = dict(inputs=toks[:, :-1], targets=toks[:, 1:],
+                 loss_mask=np.ones((B, T), np.float32), source_id=np.zeros(B, np.int32),
+                 poison=np.zeros(B, np.float32))
+    batch = jax.device_put(batch)
+    step = jax.jit(train.make_train_step(cfg, opt), donate_argnums=0)
+    box = [state]
+
+    def once():
+        box[0], m = step(box[0], batch)
+        jax.block_until_ready(m["loss"])
+    dt = _time(once, steps)
+    return B * T / dt, model.param_count(box[0].params)
+
+
+def bench_transformers(cfg, steps):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    m = cfg.model
+    hf = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model,
+                     intermediate_size=m.ffn_dim, num_hidden_layers=m.num_layers,
+                     num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
+                     max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
+                     tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+    torch.manual_seed(0)
+    net = LlamaForCausalLM(hf).float().train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=0.1)
+    B, T = cfg.train.global_batch_size, cfg.data.seq_len
+    toks = torch.from_numpy(_tokens(B, T).astype(np.int64))
+    x, y = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
+
+    def once():
+        logits = net(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+    dt = _time(once, steps)
+    return B * T / dt, sum(p.numel() for p in net.parameters())
+
+
+def bench_litgpt(cfg, steps):
+    import torch
+    from litgpt.config import Config
+    from litgpt.model import GPT
+    m = cfg.model
+    lc = Config(block_size=m.max_seq_len, vocab_size=m.vocab_size, padded_vocab_size=m.vocab_size,
+                n_layer=m.num_layers, n_head=m.num_heads, n_embd=m.d_model,
+                intermediate_size=m.ffn_dim, rotary_percentage=1.0, parallel_residual=False,
+                bias=False, norm_class_name="RMSNorm", norm_eps=m.norm_eps,
+                mlp_class_name="LLaMAMLP")
+    torch.manual_seed(0)
+    net = GPT(lc).float().train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=0.1)
+    B, T = cfg.train.global_batch_size, cfg.data.seq_len
+    toks = torch.from_numpy(_tokens(B, T).astype(np.int64))
+    x, y = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
+
+    def once():
+        logits = net(x)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+    dt = _time(once, steps)
+    return B * T / dt, sum(p.numel() for p in net.parameters())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--sizes", default="7M,30M")
+    ap.add_argument("--matmul", type=int, default=2048, help="peak-matmul size")
+    a = ap.parse_args()
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    from crystal import metrics
+    peak = metrics.measured_cpu_flops(a.matmul)
+    print(f"peak (float32 {a.matmul}^3 matmul under XLA): {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'size':>5} {'framework':>13} {'params':>11} {'tokens/s':>10} {'MFU':>6}")
+    last = {}
+    for size in [s.strip() for s in a.sizes.split(",") if s.strip()]:
+        cfg = crystal_cfg(size, a.seq_len, a.batch)
+        fpt = metrics.flops_per_token(cfg)
+        res = {}
+        for name, fn in (("crystal", bench_crystal), ("litgpt", bench_litgpt),
+                         ("transformers", bench_transformers)):
+            try:
+                tps, n = fn(cfg, a.steps)
+            except ImportError as e:
+                print(f"{size:>5} {name:>13} {'-':>11} {'-':>10} {'-':>6}  ({e.name or e} "
+                      "not installed: pip install crystal[bench])")
+                res[name] = float("nan")
+                continue
+            res[name] = tps
+            print(f"{size:>5} {name:>13} {n:>11,} {tps:>10,.0f} {tps * fpt / peak:>6.3f}")
+        res["mfu"] = res["crystal"] * fpt / peak
+        last = res
+    print(f"ratio crystal/litgpt={last['crystal'] / last['litgpt']:.2f} "
+          f"crystal/transformers={last['crystal'] / last['transformers']:.2f} "
+          f"mfu={last['mfu']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
