@@ -183,7 +183,9 @@ def loss_table(res: dict) -> str:
     lines = [f"# muP LR transfer: {res['mode']} mode", "",
              f"Command: `{res['command']}`  ",
              f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores "
-             f"({res['machine']['backend']}), wall {res['wall_s']:.0f} s  ",
+             f"({res['machine']['backend']}), wall {res['wall_s']:.0f} s"
+             + (f", CPU {res['cpu_s']:.0f} s, load average {res['load_avg_1m']:.1f}"
+                if "cpu_s" in res else "") + "  ",
              f"Setup: {res['setup']}", ""]
     lrs = res["log2_lrs"]
     for p in ("mup", "sp"):
@@ -282,7 +284,7 @@ def main(argv=None):
 
     from crystal import config as config_lib
     from crystal.data import prepare
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     try:
         cfg = config_lib.load(a.config)
         widths = [int(w) for w in str(a.widths).split(",") if w.strip()]
@@ -342,7 +344,8 @@ def main(argv=None):
                                                             else sys.argv[1:])
     res = dict(
         mode="quick" if a.quick else "full", command=cmd, machine=machine(),
-        wall_s=time.time() - t0, log2_lrs=log2_lrs, lrs=lrs, widths=widths,
+        wall_s=time.time() - t0, cpu_s=time.process_time() - c0,
+        load_avg_1m=os.getloadavg()[0], log2_lrs=log2_lrs, lrs=lrs, widths=widths,
         setup=dict(config=a.config, base_width=int(cfg.mup.base_width), steps=a.steps,
                    warmup_steps=warmup, schedule="linear warmup, linear decay to "
                    f"{a.end_ratio} x peak", batch_size=a.batch_size, seq_len=a.seq_len,

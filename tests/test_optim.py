@@ -64,6 +64,17 @@ def _tiny(**over):
     return config.load("crystalcoder_tiny", base)
 
 
+def _params(cfg, value=None):
+    """Params of cfg's shapes without running the (eager, slow) flax init."""
+    if value is None:
+        return model.init(cfg, jax.random.key(0))
+    return jax.tree.map(lambda a: jnp.full(a.shape, value, a.dtype), model.abstract_params(cfg))
+
+
+def _update(opt, grads, params):
+    return jax.jit(lambda g, p: opt.update(g, opt.init(p), p))(grads, params)
+
+
 def _classes(params):
     return jax.tree_util.tree_map_with_path(
         lambda p, _: param_class(tuple(k.key for k in p)), params)
@@ -75,13 +86,9 @@ def test_weight_decay_rule_keeps_lr_times_wd_per_class(mask):
     hidden LRs by the width scale and their decay by its inverse, so every decayed class
     shrinks by the same factor lr x wd; norms and biases only under wd_mask='all'."""
     cfg = _tiny(**{"optim.wd_mask": mask, "optim.weight_decay": 0.1})
-    params = model.init(cfg, jax.random.key(0))
-    # Make every param non-zero (biases start at 0) so decay is visible.
-    params = jax.tree.map(lambda p: p + 1.0, params)
+    params = _params(cfg, 1.5)
     opt = optim.make_optimizer(cfg, 1)
-    state = opt.init(params)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    upd, _ = opt.update(zeros, state, params)
+    upd, _ = _update(opt, jax.tree.map(jnp.zeros_like, params), params)
     base = lr(cfg, 1, 0)
     ratio = jax.tree.map(lambda u, p: float(jnp.mean(-u / p)), upd, params)
     cls = _classes(params)
@@ -98,10 +105,9 @@ def test_mup_lr_groups_scale_hidden_matrices_only():
     base LR x width scale (128/32 -> 1/4 in the tiny config), embeddings and vectors by the
     base LR."""
     cfg = config.load("crystalcoder_tiny", {"model.num_layers": 1, "optim.weight_decay": 0.0})
-    params = model.init(cfg, jax.random.key(0))
+    params = _params(cfg, 0.5)
     opt = optim.make_optimizer(cfg, 1)
-    grads = jax.tree.map(jnp.ones_like, params)
-    upd, _ = opt.update(grads, opt.init(params), params)
+    upd, _ = _update(opt, jax.tree.map(jnp.ones_like, params), params)
     base = lr(cfg, 1, 0)
     want = {"hidden": base / 4, "residual_out": base / 4, "embedding": base, "vector": base}
     for u, c in zip(jax.tree.leaves(upd), jax.tree.leaves(_classes(params))):
@@ -112,9 +118,9 @@ def test_mup_lr_groups_scale_hidden_matrices_only():
 
 def test_sp_config_has_one_lr_group():
     cfg = config.load("amber_tiny", {"model.num_layers": 1, "optim.weight_decay": 0.0})
-    params = model.init(cfg, jax.random.key(0))
+    params = _params(cfg, 0.5)
     opt = optim.make_optimizer(cfg, 1)
-    upd, _ = opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)
+    upd, _ = _update(opt, jax.tree.map(jnp.ones_like, params), params)
     for u in jax.tree.leaves(upd):
         assert float(jnp.mean(jnp.abs(u))) == pytest.approx(lr(cfg, 1, 0), rel=1e-4)
 
@@ -123,10 +129,9 @@ def test_global_norm_clipping():
     """Gradients are clipped to global norm clip_norm before Adam: with a tiny eps the
     first-step update is sign-like either way, so check the clip on the second moment."""
     cfg = _tiny(**{"optim.clip_norm": 1.0})
-    params = model.init(cfg, jax.random.key(0))
+    params = _params(cfg, 0.5)
     opt = optim.make_optimizer(cfg, 1)
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 10.0), params)
-    _, st = opt.update(grads, opt.init(params), params)
+    _, st = _update(opt, jax.tree.map(lambda p: jnp.full_like(p, 10.0), params), params)
     nu = [x for x in jax.tree.leaves(st[1].nu)]
     total = np.sqrt(sum(float(jnp.sum(n)) for n in nu) / (1 - 0.95))
     assert total == pytest.approx(1.0, rel=1e-4)        # sqrt(sum g^2) of the clipped grads
@@ -134,12 +139,13 @@ def test_global_norm_clipping():
 
 def test_restart_schedule_keeps_adam_moments():
     cfg = _tiny()
-    params = model.init(cfg, jax.random.key(0))
+    params = _params(cfg, 0.5)
     opt = optim.make_optimizer(cfg, 1)
     st = opt.init(params)
     g = jax.tree.map(jnp.ones_like, params)
+    upd = jax.jit(opt.update)
     for _ in range(3):
-        _, st = opt.update(g, st, params)
+        _, st = upd(g, st, params)
     assert int(optim.schedule_count(st)) == 3
     st2 = optim.restart_schedule(st, config.stage(cfg, 2))
     assert int(optim.schedule_count(st2)) == 0

@@ -27,7 +27,10 @@ BASE = {
     "stages.stage_1.steps": 6, "stages.stage_2.steps": 6, "stages.stage_3.steps": 4,
     "checkpoint.every_steps": 4, "checkpoint.keep_recent": 2,
     "checkpoint.release_per_chunk": False, "metrics.tensorboard": False,
-    "metrics.plot": False, "train.eval_batches": 1, "train.progress": False,
+    "metrics.plot": False, "train.eval_batches": 0, "train.progress": False,
+    # bf16 compute everywhere: every run shares one compiled step (persistent cache), and
+    # the float32-on-disk check is meaningful.
+    "model.compute_dtype": "bfloat16",
 }
 
 
@@ -94,7 +97,8 @@ def _random_batch(cfg, rows, seed=0):
 def _jitted_step(accum):
     """The real AdamW step; eps = 1 keeps Adam's update a smooth function of the gradient
     (at eps 1e-9, m / sqrt(v) of a near-zero gradient amplifies float rounding)."""
-    cfg = make_cfg(**{"train.grad_accum": accum, "optim.eps": 1.0})
+    cfg = make_cfg(**{"train.grad_accum": accum, "optim.eps": 1.0,
+                      "model.compute_dtype": "float32"})
     opt = optim.make_optimizer(cfg, 1)
     return cfg, opt, jax.jit(train.make_train_step(cfg, opt, num_sources=3))
 
@@ -138,7 +142,8 @@ def test_non_finite_step_leaves_params_and_optimizer_unchanged():
 def test_default_stages_resume_bit_identical_and_float32_checkpoints(env):
     """Stop at step 4 of stage 1, restart the same run: every later loss (through the stage
     2 boundary) equals the uninterrupted run's bit for bit, and so do the final params."""
-    cfg = make_cfg(**{"stages.stage_3.steps": 1, "model.compute_dtype": "bfloat16"})
+    cfg = make_cfg(**{"stages.stage_3.steps": 1, "train.eval_batches": 1,
+                      "metrics.plot": True})
     full = workdir(env, "full")
     out = train.run(cfg, full)
     assert out["final_step"] == 13 and out["preempted"] is None
@@ -173,6 +178,9 @@ def test_default_stages_resume_bit_identical_and_float32_checkpoints(env):
         assert k in rec, k
     assert any(k.startswith("loss/slimpajama") for k in rec)
     assert rec["lr/hidden"] == pytest.approx(rec["lr"] / 4)
+    assert any(r.get("eval/loss") for r in map(json.loads,
+                                               (full / "metrics.jsonl").read_text().splitlines()))
+    assert (full / "loss.png").stat().st_size > 0
     # Re-running a finished workdir does nothing and overwrites nothing.
     assert train.run(cfg, full)["start"]["kind"] == "complete"
 
