@@ -428,10 +428,37 @@ def define_flags():
     """absl flags shared by every CLI: --config=FILE and --config.X=... overrides."""
     from ml_collections import config_flags
     default = os.environ.get("CRYSTAL_CONFIG", str(REPO_ROOT / "configs" / "crystalcoder_tiny.py"))
-    return config_flags.DEFINE_config_file("config", default, "A configs/*.py file.",
-                                           lock_config=False)
+    try:  # config_flags reads the default file and sys.argv's overrides right here
+        return config_flags.DEFINE_config_file("config", default, "A configs/*.py file.",
+                                               lock_config=False)
+    except (AttributeError, KeyError) as e:
+        import sys
+        given = " ".join(a for a in sys.argv[1:] if a.startswith("--config."))
+        die(f"config field {str(e).strip(chr(34) + chr(39))}: no such field (in {given})")
 
 
 def from_flag(flag_holder) -> ml_collections.ConfigDict:
     """Validates the config an absl flag produced (overrides are already applied)."""
     return validate(flag_holder.value)
+
+
+def die(msg) -> None:
+    """The CLI error contract: one line `error: ...` on stderr, exit status 2."""
+    import sys
+    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv, known_only: bool = False):
+    """absl `flags_parser` for every crystal CLI: a bad flag, a bad config file or an override
+    of a field that does not exist is one line naming it, not a traceback."""
+    from absl import flags
+    try:
+        return flags.FLAGS(argv, known_only=known_only)
+    except flags.Error as e:
+        die(e)
+    except (AttributeError, KeyError) as e:  # ml_collections: override of a missing field
+        given = " ".join(a for a in argv[1:] if a.startswith("--config."))
+        die(f"config field {str(e).strip(chr(34) + chr(39))}: no such field (in {given})")
+    except ConfigError as e:
+        die(e)

@@ -170,7 +170,7 @@ def main(argv=None):
         ours, beam_args = argv, []
 
     def parse(args):
-        rest = FLAGS(args, known_only=True)
+        rest = config_lib.parse_flags(args, known_only=True)
         beam_args.extend(rest[1:])
         return rest[:1]
 

@@ -592,7 +592,7 @@ def main(argv=None):
         summarize(man, FLAGS.workdir)
         return 0
 
-    app.run(lambda a: sys.exit(run(a)), argv=argv)
+    app.run(lambda a: sys.exit(run(a)), argv=argv, flags_parser=config_lib.parse_flags)
 
 
 def summarize(man, workdir):

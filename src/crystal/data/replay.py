@@ -104,7 +104,7 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 
-    app.run(_main, argv=argv)
+    app.run(_main, argv=argv, flags_parser=cfg_lib.parse_flags)
 
 
 if __name__ == "__main__":

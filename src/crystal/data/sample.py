@@ -317,6 +317,7 @@ def ensure_sample(cfg=None, max_mb: float | None = None) -> Path:
 
 def main(argv=None):
     from absl import app, flags
+    from crystal import config as config_lib
     flags.DEFINE_string("out", None, "Folder to write the corpus to (must not exist).")
     flags.DEFINE_float("max_mb", 8.0, "Approximate size cap in MB.")
     flags.mark_flag_as_required("out")
@@ -333,7 +334,7 @@ def main(argv=None):
         print(f"total {info['total_bytes'] / 1e6:.2f} MB -> {FLAGS.out}")
         return 0
 
-    app.run(lambda a: sys.exit(run(a)), argv=argv)
+    app.run(lambda a: sys.exit(run(a)), argv=argv, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,7 @@ def main(argv=None):
               f"{len(tok.special_tokens)} specials, sha256 {tok.sha256}")
         return 0
 
-    app.run(lambda a: sys.exit(run(a)), argv=argv)
+    app.run(lambda a: sys.exit(run(a)), argv=argv, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

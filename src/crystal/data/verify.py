@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from crystal import config as config_lib
 from crystal.data import cache
 
 
@@ -85,7 +86,7 @@ def main(argv=None):
         print(f"ok: {n} files match {Path(FLAGS.workdir) / 'data' / 'manifest.json'}")
         return 0
 
-    app.run(lambda a: sys.exit(run(a)), argv=argv)
+    app.run(lambda a: sys.exit(run(a)), argv=argv, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":
