@@ -25,8 +25,8 @@ import time
 import numpy as np
 
 SIZES = {  # name -> (d_model, layers, heads, ffn)
-    "7M": (256, 6, 4, 688),
-    "30M": (512, 8, 8, 1376),
+    "7M": (256, 8, 4, 688),
+    "30M": (512, 9, 8, 1376),
 }
 VOCAB = 2048
 

@@ -23,7 +23,7 @@ BEAM_PYTHON = os.environ.get("CRYSTAL_BEAM_PYTHON", "")
                     "$CRYSTAL_BEAM_PYTHON (an environment with apache-beam installed)")
 def test_beam_tests_in_beam_environment():
     here = Path(__file__).resolve()
-    r = subprocess.run([BEAM_PYTHON, "-m", "pytest", "-o", "addopts=", "-q", "-p",
+    r = subprocess.run([BEAM_PYTHON, "-m", "pytest", "-q", "-p",
                         "no:cacheprovider", str(here)],
                        cwd=here.parents[1], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
