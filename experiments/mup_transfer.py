@@ -277,6 +277,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     explicit = {x.split("=")[0].lstrip("-") for x in (argv or sys.argv[1:])}
+    sweep_knobs = {"widths", "log2_lrs", "steps", "batch_size", "seq_len", "num_layers",
+                   "head_dim", "warmup_frac", "end_ratio"}
+    mode = "quick" if a.quick else ("custom" if explicit & sweep_knobs else "full")
     if a.quick:
         for k, v in QUICK.items():
             if k not in explicit:
@@ -343,7 +346,7 @@ def main(argv=None):
     cmd = "python -m experiments.mup_transfer " + " ".join(argv if argv is not None
                                                             else sys.argv[1:])
     res = dict(
-        mode="quick" if a.quick else "full", command=cmd, machine=machine(),
+        mode=mode, command=cmd, machine=machine(),
         wall_s=time.time() - t0, cpu_s=time.process_time() - c0,
         load_avg_1m=os.getloadavg()[0], log2_lrs=log2_lrs, lrs=lrs, widths=widths,
         setup=dict(config=a.config, base_width=int(cfg.mup.base_width), steps=a.steps,

@@ -806,9 +806,7 @@ def main(argv=None):
             out = run(cfg, workdir, stage=F.stage, init_from=F.init_from,
                       stop_after_steps=F.stop_after_steps)
         except known as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"error: {msg}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            config_lib.die(str(e).splitlines()[0] if str(e) else type(e).__name__)
         if out.get("preempted"):
             return 0
         if out["start"]["kind"] == "complete":
@@ -819,7 +817,7 @@ def main(argv=None):
               f"  plot        {out['plot']}", flush=True)
         return 0
 
-    app.run(_main, argv=argv)
+    app.run(_main, argv=argv, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":
