@@ -39,16 +39,16 @@ def get_config():
     c.checkpoint.every_steps = 25
 
     # 7B shape: warmup 86 of 79,721 steps, decay line 294,337 long, stopped at 27%.
-    steps1, warm1, line1 = 60, 3, 220
+    steps1, warm1, line1 = 120, 6, 440
     peak1, end1 = 0.012, 1.2408e-4
     stood = peak1 - (peak1 - end1) * (steps1 - warm1) / line1
     c.stages.stage_1.steps = steps1
     c.stages.stage_1.schedule.update(dict(warmup_steps=warm1, peak_lr=peak1, end_lr=end1,
                                           decay_steps=line1))
-    c.stages.stage_2.steps = 60
-    c.stages.stage_2.schedule.update(dict(warmup_steps=3, peak_lr=stood, end_lr=1.3679e-4,
-                                          decay_steps=57))
-    c.stages.stage_3.steps = 30
-    c.stages.stage_3.schedule.update(dict(warmup_steps=2, peak_lr=0.002, end_lr=2e-4,
-                                          decay_steps=28))
+    c.stages.stage_2.steps = 120
+    c.stages.stage_2.schedule.update(dict(warmup_steps=6, peak_lr=stood, end_lr=1.3679e-4,
+                                          decay_steps=114))
+    c.stages.stage_3.steps = 60
+    c.stages.stage_3.schedule.update(dict(warmup_steps=4, peak_lr=0.002, end_lr=2e-4,
+                                          decay_steps=56))
     return c

@@ -254,6 +254,9 @@ def test_nan_chunk_is_quarantined_after_rollback(env):
     # The skip is part of the data state: the loader replaces the chunk's rows from then on.
     _, data, meta, _ = read_state(wd)
     assert {"chunk": chunk, "from_step": inc["from_stage_step"]} in data["skips"]
+    # The abandoned timeline's checkpoints are set aside, never deleted.
+    aside = sorted(int(p.name) for p in (wd / "quarantine" / "checkpoints").iterdir())
+    assert aside and min(aside) > inc["rolled_back_to_step"]
 
 
 def _cli(args, **kw):

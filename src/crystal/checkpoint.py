@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -181,6 +182,25 @@ class Checkpointer:
         self.wait()
         self._mngr.delete(step)
         self._releases.steps.discard(step)
+
+    def set_aside(self, step: int, dest) -> Path:
+        """Moves one checkpoint out of the run into `dest/<step>` (nothing is deleted): a
+        rollback sets aside the checkpoints of the timeline it abandons."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory}: opened read-only; cannot move")
+        step = int(step)
+        if step not in self._mngr.all_steps():
+            raise CheckpointError(f"{self.directory}/{step}: no such checkpoint")
+        self.wait()
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / str(step)
+        if target.exists():
+            target = dest / f"{step}.{len(list(dest.glob(f'{step}.*'))) + 1}"
+        os.replace(Path(self.directory) / str(step), target)
+        self._releases.steps.discard(step)
+        self._mngr.reload()
+        return target
 
     def reached_preemption(self, step: int) -> bool:
         """True once JAX's preemption sync point is reached (multi-host preemption notice)."""

@@ -460,9 +460,11 @@ def _is_loss_key(k: str) -> bool:
 
 
 def plot_loss(jsonl_path, png_path) -> Path:
-    """A loss-curve PNG from metrics.jsonl: `loss`, per-source `loss/<source>`, eval
-    `eval/...loss...` keys, with stage boundaries (where `stage` changes) marked.
-    Written to a temp file and renamed."""
+    """A loss-curve PNG from metrics.jsonl, stage boundaries (where `stage` changes) marked.
+
+    Left: the training loss and the mean eval loss. Right: eval loss per source, one line
+    per data group (per-step per-source training losses are too noisy to read at a glance;
+    they stay in the JSONL and TensorBoard). Written to a temp file and renamed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -470,29 +472,37 @@ def plot_loss(jsonl_path, png_path) -> Path:
     recs = read_jsonl(jsonl_path)
     if not any("loss" in r for r in recs):
         raise MetricsError(f"{jsonl_path}: no 'loss' records to plot")
-    keys = sorted({k for r in recs for k in r if _is_loss_key(k)},
-                  key=lambda k: (k != "loss", k))
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in recs if k in r and r[k] is not None
-               and math.isfinite(r[k])]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=k, lw=1.6 if k == "loss" else 0.9,
-                    marker="o" if k.startswith("eval/") else None, ms=3)
-    prev = None
-    for r in recs:
-        s = r.get("stage")
-        if s is not None and prev is not None and s != prev:
-            ax.axvline(r["step"], color="gray", ls="--", lw=0.8)
-            ax.annotate(f"stage {s:g}", (r["step"], 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
-        prev = s if s is not None else prev
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(Path(jsonl_path).parent.name or "loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    keys = {k for r in recs for k in r if _is_loss_key(k)}
+    main = [k for k in ("loss", "eval/loss") if k in keys]
+    per_source = sorted(k for k in keys if k.startswith("eval/") and k != "eval/loss")
+    fig, axes = plt.subplots(1, 2 if per_source else 1, figsize=(13 if per_source else 8, 4.8),
+                             dpi=100, squeeze=False)
+    for ax, ks in zip(axes[0], (main, per_source)):
+        for k in ks:
+            pts = [(r["step"], r[k]) for r in recs if k in r and r[k] is not None
+                   and math.isfinite(r[k])]
+            if pts:
+                xs, ys = zip(*pts)
+                label = k.removeprefix("eval/").removesuffix("/loss") if ks is per_source else k
+                ax.plot(xs, ys, label=label, lw=1.6 if k == "loss" else 0.9,
+                        marker="o" if k.startswith("eval/") else None, ms=3)
+        prev = None
+        for r in recs:
+            s = r.get("stage")
+            if s is not None and prev is not None and s != prev:
+                ax.axvline(r["step"], color="gray", ls="--", lw=0.8)
+                ax.annotate(f"stage {s:g}", (r["step"], 1.0),
+                            xycoords=("data", "axes fraction"), xytext=(3, -12),
+                            textcoords="offset points", fontsize=8, color="gray")
+            prev = s if s is not None else prev
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_title(f"{Path(jsonl_path).parent.name or 'run'}: training and eval loss")
+    axes[0][0].legend(fontsize=8)
+    if per_source:
+        axes[0][1].set_title("eval loss per source")
+        axes[0][1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = png_path.with_name(f".{png_path.name}.tmp")

@@ -756,10 +756,9 @@ def _rollback(r: _Run, stage_n: int, bad, loader, abstract, shardings, fresh_ini
         state = _enter_stage(r, stage_n, state, fresh_init)
         loader.set_state({**loader.get_state(), "step": 0})
     del stage_start_global
-    for s in r.ckpt.all_steps():   # the poisoned timeline's checkpoints
+    for s in r.ckpt.all_steps():   # the poisoned timeline's checkpoints: kept, set aside
         if s > step:
-            r.ckpt._mngr.delete(s)   # noqa: SLF001  (Checkpointer has no public delete yet)
-    r.ckpt.reload()
+            r.ckpt.set_aside(s, Path(r.workdir) / "quarantine" / "checkpoints")
     from_step = loader.step
     loader.skip_chunk(culprit, from_step=from_step)
     r.tokens_seen = int(meta.get("tokens_seen", 0))
