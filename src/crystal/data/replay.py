@@ -37,6 +37,9 @@ def run_config(workdir, config_file: str | None = None):
     p = Path(workdir) / "config.json"
     if p.exists():
         return cfg_lib.validate(cfg_lib.from_json_dict(json.loads(p.read_text())))
+    p = Path(workdir) / "run.json"   # written by crystal.train
+    if p.exists():
+        return cfg_lib.validate(cfg_lib.from_json_dict(json.loads(p.read_text())["config"]))
     man, _ = loader_lib.read_manifest(workdir)
     if "config" not in man:
         raise loader_lib.LoaderError(f"{loader_lib.data_dir(workdir) / 'manifest.json'}: "
