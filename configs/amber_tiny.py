@@ -1,16 +1,11 @@
 """A laptop-size Amber: LLaMA structure (RMSNorm, full rotate-half RoPE, untied, SP)."""
-from crystal.config import base_config, mixture_component, _stage  # noqa: F401
-import importlib.util
 import pathlib
 
-_spec = importlib.util.spec_from_file_location(
-    "amber_7b", pathlib.Path(__file__).with_name("amber_7b.py"))
-_big = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_big)
+from crystal.config import read
 
 
 def get_config():
-    c = _big.get_config()
+    c = read(pathlib.Path(__file__).with_name("amber_7b.py"))
     c.name = "amber_tiny"
     m = c.model
     m.vocab_size = 2048           # 2000 tokens padded to a multiple of 64

@@ -5,18 +5,13 @@ with the 7B constants) at width 128 over a muP base width of 32, so muP is exerc
 The stage schedules keep the 7B shapes: stage 1 stops part-way down its decay line and
 stage 2 re-warms to where stage 1 stood.
 """
-from crystal.config import STARCODER_SPECIAL_TOKENS, mixture_component, _stage
-import importlib.util
 import pathlib
 
-_spec = importlib.util.spec_from_file_location(
-    "crystalcoder_7b", pathlib.Path(__file__).with_name("crystalcoder_7b.py"))
-_big = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_big)
+from crystal.config import STARCODER_SPECIAL_TOKENS, read
 
 
 def get_config():
-    c = _big.get_config()
+    c = read(pathlib.Path(__file__).with_name("crystalcoder_7b.py"))
     c.name = "crystalcoder_tiny"
     m = c.model
     m.vocab_size = 2048          # 2000 + 18 specials, padded to a multiple of 64

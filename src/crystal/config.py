@@ -370,18 +370,24 @@ def config_path(name_or_path: str) -> Path:
                       f"{REPO_ROOT / 'configs'})")
 
 
-def load(name_or_path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """Loads a config file, applies dotted overrides {'model.num_layers': 4}, validates."""
-    path = config_path(name_or_path)
+def read(name_or_path) -> ml_collections.ConfigDict:
+    """A config file's `get_config()`, unvalidated: how one config file builds on another
+    (the tiny configs start from their 7B twins)."""
+    path = config_path(str(name_or_path))
     spec = importlib.util.spec_from_file_location(f"crystal_config_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(mod)
-        cfg = mod.get_config()
+        return mod.get_config()
     except ConfigError:
         raise
     except Exception as e:  # a broken config file is still a one-line error
         raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
+
+
+def load(name_or_path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Loads a config file, applies dotted overrides {'model.num_layers': 4}, validates."""
+    cfg = read(name_or_path)
     for key, value in (overrides or {}).items():
         set_field(cfg, key, value)
     return validate(cfg)
