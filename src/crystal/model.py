@@ -12,6 +12,7 @@ Shape suffixes: B batch, L length, D d_model, H heads, K head_dim, F ffn, V voca
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -127,6 +128,18 @@ def rotary(x_BxLxHxK, positions_BxL, spec: ModelSpec):
     return jnp.concatenate([rot, rest], axis=-1).astype(x_BxLxHxK.dtype)
 
 
+def dense(x, w, dt, in_dims: int = 1):
+    """x[..., in] @ w[in, out...] as one rank-2 matmul: (B*L, in) x (in, out).
+
+    XLA:CPU runs the backward of rank-2 dots far faster than of batched-rank einsums (about
+    1.6x on a SwiGLU block), and the reshapes are free (row-major, leading axes merged).
+    """
+    lead, k = x.shape[:x.ndim - in_dims], math.prod(x.shape[x.ndim - in_dims:])
+    out = w.shape[in_dims:]
+    y = x.reshape(-1, k) @ w.reshape(k, -1).astype(dt)
+    return y.reshape(*lead, *out)
+
+
 def _mean_abs(x):
     return jnp.mean(jnp.abs(x.astype(jnp.float32)))
 
@@ -142,7 +155,7 @@ class Attention(nn.Module):
         for n in ("q", "k", "v"):
             w_DxHxK = _param(self, f"w_{n}", hid, (s.d_model, s.num_heads, s.head_dim),
                              ("embed", "heads", "head_dim"))
-            y = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK.astype(dt))
+            y = dense(x_BxLxD, w_DxHxK, dt)
             if s.qkv_bias:
                 y = y + _param(self, f"b_{n}", nn.initializers.zeros, (s.num_heads, s.head_dim),
                                ("heads", "head_dim")).astype(dt)
@@ -158,7 +171,7 @@ class Attention(nn.Module):
         o_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
         w_HxKxD = _param(self, "w_o", res, (s.num_heads, s.head_dim, s.d_model),
                          ("heads", "head_dim", "embed"))
-        out_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxK, w_HxKxD.astype(dt))
+        out_BxLxD = dense(o_BxLxHxK, w_HxKxD, dt, in_dims=2)
         if s.out_bias:
             out_BxLxD = out_BxLxD + _param(self, "b_o", nn.initializers.zeros, (s.d_model,),
                                            ("embed",)).astype(dt)
@@ -175,13 +188,13 @@ class MLP(nn.Module):
         h = {}
         for n in ("gate", "up"):
             w_DxF = _param(self, f"w_{n}", hid, (s.d_model, s.ffn_dim), ("embed", "mlp"))
-            h[n] = jnp.einsum("bld,df->blf", x_BxLxD, w_DxF.astype(dt))
+            h[n] = dense(x_BxLxD, w_DxF, dt)
             if s.ffn_bias:
                 h[n] = h[n] + _param(self, f"b_{n}", nn.initializers.zeros, (s.ffn_dim,),
                                      ("mlp",)).astype(dt)
         h_BxLxF = nn.silu(h["gate"]) * h["up"]
         w_FxD = _param(self, "w_down", res, (s.ffn_dim, s.d_model), ("mlp", "embed"))
-        out_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, w_FxD.astype(dt))
+        out_BxLxD = dense(h_BxLxF, w_FxD, dt)
         if s.ffn_bias:
             out_BxLxD = out_BxLxD + _param(self, "b_down", nn.initializers.zeros, (s.d_model,),
                                            ("embed",)).astype(dt)
@@ -260,8 +273,9 @@ class Transformer(nn.Module):
         else:
             head_DxV = _param(self, "lm_head", trunc_normal(s.std_output),
                               (s.d_model, s.vocab_size), ("embed", "vocab"))
-        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dt),
-                                  preferred_element_type=jnp.float32) * s.logit_multiplier
+        logits_BxLxV = jnp.dot(x_BxLxD.reshape(B * L, s.d_model), head_DxV.astype(dt),
+                               preferred_element_type=jnp.float32).reshape(B, L, -1)
+        logits_BxLxV = logits_BxLxV * s.logit_multiplier
         self.sow("intermediates", "output_logits", _mean_abs(logits_BxLxV))
         return logits_BxLxV
 
