@@ -77,17 +77,11 @@ def bench_crystal(cfg, steps):
     return B * T / dt, model.param_count(box[0].params)
 
 
-def bench_transformers(cfg, steps):
+def _bench_torch(make_net, logits_of, cfg, steps):
+    """Tokens/s of a torch model's full step: forward, CE, backward, clip, AdamW."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    m = cfg.model
-    hf = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model,
-                     intermediate_size=m.ffn_dim, num_hidden_layers=m.num_layers,
-                     num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
-                     max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
-                     tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
     torch.manual_seed(0)
-    net = LlamaForCausalLM(hf).float().train()
+    net = make_net().float().train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=0.1)
     B, T = cfg.train.global_batch_size, cfg.data.seq_len
@@ -95,7 +89,7 @@ def bench_transformers(cfg, steps):
     x, y = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
 
     def once():
-        logits = net(input_ids=x).logits
+        logits = logits_of(net, x)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                  y.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -106,8 +100,19 @@ def bench_transformers(cfg, steps):
     return B * T / dt, sum(p.numel() for p in net.parameters())
 
 
+def bench_transformers(cfg, steps):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    m = cfg.model
+    hf = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model,
+                     intermediate_size=m.ffn_dim, num_hidden_layers=m.num_layers,
+                     num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
+                     max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
+                     tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+    return _bench_torch(lambda: LlamaForCausalLM(hf), lambda net, x: net(input_ids=x).logits,
+                        cfg, steps)
+
+
 def bench_litgpt(cfg, steps):
-    import torch
     from litgpt.config import Config
     from litgpt.model import GPT
     m = cfg.model
@@ -116,24 +121,7 @@ def bench_litgpt(cfg, steps):
                 intermediate_size=m.ffn_dim, rotary_percentage=1.0, parallel_residual=False,
                 bias=False, norm_class_name="RMSNorm", norm_eps=m.norm_eps,
                 mlp_class_name="LLaMAMLP")
-    torch.manual_seed(0)
-    net = GPT(lc).float().train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=0.1)
-    B, T = cfg.train.global_batch_size, cfg.data.seq_len
-    toks = torch.from_numpy(_tokens(B, T).astype(np.int64))
-    x, y = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
-
-    def once():
-        logits = net(x)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-    dt = _time(once, steps)
-    return B * T / dt, sum(p.numel() for p in net.parameters())
+    return _bench_torch(lambda: GPT(lc), lambda net, x: net(x), cfg, steps)
 
 
 def main():
