@@ -11,6 +11,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from model_fixtures import random_params  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
@@ -57,32 +58,6 @@ def tokens(tmp_path_factory):
     rows = np.asarray(ids[: 4 * 48], np.int32).reshape(4, 48)
     assert len(np.unique(rows)) > 50 and rows.max() < 600
     return rows
-
-
-def random_params(cfg, seed=0, zero=()):
-    """Random crystal params of the model's own tree (from abstract shapes: no compile).
-
-    Every norm and bias is non-trivial (init has ones/zeros) except the bias names in
-    `zero`; q and k are large enough that attention is far from uniform (at a muP init it
-    is nearly uniform, and a rotary mistake would hide in it).
-    """
-    rng = np.random.default_rng(seed)
-    D = cfg.model.d_model
-
-    def f(path, s):
-        name = path[-1].key
-        n = lambda std: (std * rng.standard_normal(s.shape)).astype(np.float32)  # noqa: E731
-        if name == "scale":
-            return 1 + n(0.2)
-        if name == "bias" or name.startswith("b_"):
-            return np.zeros(s.shape, np.float32) if name in zero else n(0.2)
-        if name in ("w_q", "w_k"):
-            return n(2 / D ** 0.5)
-        if name == "embedding":
-            return n(0.5)
-        fan_in = cfg.model.ffn_dim if name == "w_down" else D
-        return n(1 / fan_in ** 0.5)
-    return jax.tree_util.tree_map_with_path(f, model_lib.abstract_params(cfg))
 
 
 STABLELM_ZERO = ("b_o", "b_gate", "b_up", "b_down")  # HF StableLm has no such biases

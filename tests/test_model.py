@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model_fixtures import random_params
+
 from crystal import config as config_lib
 from crystal import hf
 from crystal import model as model_lib
@@ -33,31 +35,10 @@ def tokens_(seed=0, shape=(B, L), vocab=2000):
     return np.asarray(np.random.default_rng(seed).integers(3, vocab, shape), np.int32)
 
 
-def rand_params(cfg, seed=0):
-    """Random params of the model's own tree, from abstract shapes (no init compile), with
-    non-trivial norms/biases and peaked attention (a muP init is nearly uniform)."""
-    rng = np.random.default_rng(seed)
-    D = cfg.model.d_model
-
-    def f(path, s):
-        name = path[-1].key
-        n = lambda std: (std * rng.standard_normal(s.shape)).astype(np.float32)  # noqa: E731
-        if name == "scale":
-            return 1 + n(0.2)
-        if name == "bias" or name.startswith("b_"):
-            return n(0.2)
-        if name in ("w_q", "w_k"):
-            return n(2 / D ** 0.5)
-        if name == "embedding":
-            return n(0.5)
-        return n(1 / (cfg.model.ffn_dim if name == "w_down" else D) ** 0.5)
-    return jax.tree_util.tree_map_with_path(f, model_lib.abstract_params(cfg))
-
-
 @pytest.fixture(scope="module")
 def cc():
     cfg = config_lib.load("crystalcoder_tiny")
-    return cfg, rand_params(cfg)
+    return cfg, random_params(cfg)
 
 
 # ----------------------------------------------------------------------------- norms
@@ -193,7 +174,7 @@ def test_embedding_and_logit_multipliers():
     cfg = config_lib.load("crystalcoder_tiny", UNTIED)
     other = config_lib.load("crystalcoder_tiny", {**UNTIED, "mup.embedding_multiplier": 1.0,
                                                   "mup.output_alpha": 2 * 2.22})
-    p = rand_params(cfg)
+    p = random_params(cfg)
     toks = tokens_()
     want = 2 * logits(p, toks, cfg)
     np.testing.assert_allclose(logits(dict(p, embedding=p["embedding"] * 14.6), toks, other),
