@@ -1,6 +1,6 @@
 """Train-step speed: crystal vs litgpt vs transformers' LlamaForCausalLM, same shapes.
 
-    python benchmarks/train_step.py [--steps=5] [--batch=8] [--seq_len=128] [--sizes=7M,30M]
+    python benchmarks/train_step.py [--rounds=8] [--batch=8] [--seq_len=128] [--sizes=7M,30M]
 
 One run on one machine: for each size (LLaMA/Amber structure: RMSNorm, full RoPE, SwiGLU,
 untied embeddings; float32 on CPU), the tokens/s of a full optimizer step (forward,
@@ -37,7 +37,8 @@ def crystal_cfg(size, seq_len, batch):
     return config.load("amber_tiny", {
         "model.d_model": d, "model.num_layers": L, "model.num_heads": H, "model.ffn_dim": F,
         "model.vocab_size": VOCAB, "model.max_seq_len": seq_len, "data.seq_len": seq_len,
-        "train.global_batch_size": batch, "model.compute_dtype": "float32"})
+        "train.global_batch_size": batch, "model.compute_dtype": "float32",
+        "model.scan_layers": False})
 
 
 def _tokens(batch, seq_len, seed=0):
@@ -45,18 +46,27 @@ def _tokens(batch, seq_len, seed=0):
     return rng.integers(0, VOCAB, (batch, seq_len + 1)).astype(np.int32)
 
 
-def _time(step_once, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step_once()
-    best = math.inf
-    for _ in range(steps):
-        t = time.perf_counter()
-        step_once()
-        best = min(best, time.perf_counter() - t)
+def interleaved_best(steps: dict, rounds: int, warmup: int = 2, settle: float = 0.3) -> dict:
+    """{name: best seconds of one call}, the calls of each round run in turn.
+
+    Each call starts `settle` seconds after the previous one: torch's OpenMP workers spin
+    for up to 200 ms after a parallel region, and would otherwise steal the next step's CPU.
+    """
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    best = {n: math.inf for n in steps}
+    for _ in range(rounds):
+        for n, fn in steps.items():
+            time.sleep(settle)
+            t = time.perf_counter()
+            fn()
+            best[n] = min(best[n], time.perf_counter() - t)
     return best
 
 
-def bench_crystal(cfg, steps):
+def crystal_step(cfg):
+    """(one optimizer step, param count) of crystal's jitted train step."""
     import jax
     from crystal import model, optim, train
     opt = optim.make_optimizer(cfg, 1)
@@ -73,12 +83,11 @@ def bench_crystal(cfg, steps):
     def once():
         box[0], m = step(box[0], batch)
         jax.block_until_ready(m["loss"])
-    dt = _time(once, steps)
-    return B * T / dt, model.param_count(box[0].params)
+    return once, model.param_count(state.params)
 
 
-def _bench_torch(make_net, logits_of, cfg, steps):
-    """Tokens/s of a torch model's full step: forward, CE, backward, clip, AdamW."""
+def _torch_step(make_net, logits_of, cfg):
+    """(one full torch step: forward, CE, backward, clip, AdamW; param count)."""
     import torch
     torch.manual_seed(0)
     net = make_net().float().train()
@@ -96,11 +105,10 @@ def _bench_torch(make_net, logits_of, cfg, steps):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-    dt = _time(once, steps)
-    return B * T / dt, sum(p.numel() for p in net.parameters())
+    return once, sum(p.numel() for p in net.parameters())
 
 
-def bench_transformers(cfg, steps):
+def transformers_step(cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
     m = cfg.model
     hf = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model,
@@ -108,11 +116,11 @@ def bench_transformers(cfg, steps):
                      num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
                      max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
                      tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
-    return _bench_torch(lambda: LlamaForCausalLM(hf), lambda net, x: net(input_ids=x).logits,
-                        cfg, steps)
+    return _torch_step(lambda: LlamaForCausalLM(hf), lambda net, x: net(input_ids=x).logits,
+                       cfg)
 
 
-def bench_litgpt(cfg, steps):
+def litgpt_step(cfg):
     from litgpt.config import Config
     from litgpt.model import GPT
     m = cfg.model
@@ -121,12 +129,12 @@ def bench_litgpt(cfg, steps):
                 intermediate_size=m.ffn_dim, rotary_percentage=1.0, parallel_residual=False,
                 bias=False, norm_class_name="RMSNorm", norm_eps=m.norm_eps,
                 mlp_class_name="LLaMAMLP")
-    return _bench_torch(lambda: GPT(lc), lambda net, x: net(x), cfg, steps)
+    return _torch_step(lambda: GPT(lc), lambda net, x: net(x), cfg)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq_len", type=int, default=128)
     ap.add_argument("--sizes", default="7M,30M")
@@ -142,18 +150,19 @@ def main():
     for size in [s.strip() for s in a.sizes.split(",") if s.strip()]:
         cfg = crystal_cfg(size, a.seq_len, a.batch)
         fpt = metrics.flops_per_token(cfg)
-        res = {}
-        for name, fn in (("crystal", bench_crystal), ("litgpt", bench_litgpt),
-                         ("transformers", bench_transformers)):
+        steps, counts, res = {}, {}, {}
+        for name, make in (("crystal", crystal_step), ("litgpt", litgpt_step),
+                           ("transformers", transformers_step)):
             try:
-                tps, n = fn(cfg, a.steps)
+                steps[name], counts[name] = make(cfg)
             except ImportError as e:
                 print(f"{size:>5} {name:>13} {'-':>11} {'-':>10} {'-':>6}  ({e.name or e} "
                       "not installed: pip install crystal[bench])")
                 res[name] = float("nan")
-                continue
-            res[name] = tps
-            print(f"{size:>5} {name:>13} {n:>11,} {tps:>10,.0f} {tps * fpt / peak:>6.3f}")
+        for name, dt in interleaved_best(steps, a.rounds).items():
+            res[name] = cfg.train.global_batch_size * cfg.data.seq_len / dt
+            print(f"{size:>5} {name:>13} {counts[name]:>11,} {res[name]:>10,.0f} "
+                  f"{res[name] * fpt / peak:>6.3f}")
         res["mfu"] = res["crystal"] * fpt / peak
         last = res
     print(f"ratio crystal/litgpt={last['crystal'] / last['litgpt']:.2f} "

@@ -316,3 +316,35 @@ def test_bad_inputs_fail_in_one_line_and_touch_nothing(env):
     with pytest.raises(DataError):
         train.run(make_cfg(**{"data.input": str(env / "no_such_dir")}), env / "nodata")
     assert not (env / "nodata" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- step speed
+
+
+def test_importing_crystal_adds_its_cpu_xla_flags_unless_the_user_set_them():
+    code = "import crystal, os; print(os.environ.get('XLA_FLAGS', ''))"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = lambda: subprocess.run([sys.executable, "-c", code], env=env, check=True,  # noqa
+                                 capture_output=True, text=True).stdout.split()
+    assert run() == ["--xla_cpu_copy_insertion_use_region_analysis=true"]
+    env["XLA_FLAGS"] = "--xla_cpu_copy_insertion_use_region_analysis=false"
+    assert run() == ["--xla_cpu_copy_insertion_use_region_analysis=false"]
+
+
+def test_compiled_step_updates_params_and_moments_in_place():
+    """XLA:CPU's default copy insertion copies every donated param and Adam moment before
+    the in-place update (3 x the model per step); crystal's flags keep it from doing so."""
+    import re
+    cfg = config.load("amber_tiny", {"model.scan_layers": False, "train.global_batch_size": 2,
+                                     "data.seq_len": 16, "model.max_seq_len": 16})
+    opt = optim.make_optimizer(cfg, 1)
+    state = train.init_state(cfg, jax.random.key(0), opt)
+    B, L = 2, 16
+    batch = dict(inputs=np.zeros((B, L), np.int32), targets=np.zeros((B, L), np.int32),
+                 loss_mask=np.ones((B, L), np.float32), source_id=np.zeros(B, np.int32),
+                 poison=np.zeros(B, np.float32))
+    hlo = jax.jit(train.make_train_step(cfg, opt), donate_argnums=0).lower(
+        state, batch).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    copied = re.findall(r"= f32\[[\d,]*\]\S* copy\(%(state\S*?)\)", entry)
+    assert not copied, copied[:5]

@@ -111,21 +111,44 @@ class Norm(nn.Module):
         return y.astype(s.dtype)
 
 
-def rotary(x_BxLxHxK, positions_BxL, spec: ModelSpec):
-    """RoPE on the first `rotary_dims` of each head, in float32, rotate-half or GPT-J pairs."""
+def rotary_table(positions_BxL, spec: ModelSpec):
+    """(cos, sin), each B x L x 1 x R float32, laid out for `apply_rotary`'s pairing, sin
+    signed. Computed once per forward and shared by every layer (XLA:CPU otherwise fuses
+    sin/cos into each layer's forward and backward and recomputes them per element)."""
     r = spec.rotary_dims
     inv_freq = 1.0 / (spec.rotary_base ** (jnp.arange(0, r, 2, dtype=jnp.float32) / r))
     ang_BxLxR2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
-    cos, sin = jnp.cos(ang_BxLxR2)[:, :, None, :], jnp.sin(ang_BxLxR2)[:, :, None, :]
+    cos, sin = jnp.cos(ang_BxLxR2), jnp.sin(ang_BxLxR2)
+    if spec.rotary_pairing == "half":   # [a, b] -> [a cos - b sin, b cos + a sin]
+        cos, sin = jnp.concatenate([cos, cos], -1), jnp.concatenate([-sin, sin], -1)
+    else:                               # the same on pairs (0,1), (2,3), ...
+        cos = jnp.repeat(cos, 2, axis=-1)
+        sin = jnp.stack([-sin, sin], axis=-1).reshape(cos.shape)
+    return cos[:, :, None, :], sin[:, :, None, :]
+
+
+def apply_rotary(x_BxLxHxK, table, spec: ModelSpec):
+    """RoPE on the first `rotary_dims` of each head, in float32, rotate-half or GPT-J pairs.
+
+    x * cos + swap(x) * sin, where swap exchanges the two halves (or the two members of each
+    pair) by a reshape and flip: no slices or concatenations, whose backward is pads and
+    adds."""
+    r, K = spec.rotary_dims, x_BxLxHxK.shape[-1]
+    cos, sin = table
     x = x_BxLxHxK.astype(jnp.float32)
-    rot, rest = x[..., :r], x[..., r:]
-    if spec.rotary_pairing == "half":
-        a, b = rot[..., : r // 2], rot[..., r // 2:]
-        rot = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
-    else:  # interleaved: pairs (0,1), (2,3), ...
-        a, b = rot[..., 0::2], rot[..., 1::2]
-        rot = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(rot.shape)
-    return jnp.concatenate([rot, rest], axis=-1).astype(x_BxLxHxK.dtype)
+    rot = x[..., :r] if r < K else x
+    pairs = (2, r // 2) if spec.rotary_pairing == "half" else (r // 2, 2)
+    axis = -2 if spec.rotary_pairing == "half" else -1
+    swapped = jnp.flip(rot.reshape(*rot.shape[:-1], *pairs), axis=axis).reshape(rot.shape)
+    rot = rot * cos + swapped * sin
+    if r < K:
+        rot = jnp.concatenate([rot, x[..., r:]], axis=-1)
+    return rot.astype(x_BxLxHxK.dtype)
+
+
+def rotary(x_BxLxHxK, positions_BxL, spec: ModelSpec):
+    """RoPE at explicit positions (B x L): `apply_rotary` with a fresh table."""
+    return apply_rotary(x_BxLxHxK, rotary_table(positions_BxL, spec), spec)
 
 
 def dense(x, w, dt, in_dims: int = 1):
@@ -148,7 +171,7 @@ class Attention(nn.Module):
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+    def __call__(self, x_BxLxD, rope, mask_Bx1xLxL):
         s, dt = self.spec, self.spec.dtype
         hid, res = trunc_normal(s.std_hidden), trunc_normal(s.std_residual_out)
         qkv = []
@@ -161,8 +184,8 @@ class Attention(nn.Module):
                                ("heads", "head_dim")).astype(dt)
             qkv.append(y)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = qkv
-        q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, s)
-        k_BxLxHxK = rotary(k_BxLxHxK, positions_BxL, s)
+        q_BxLxHxK = apply_rotary(q_BxLxHxK, rope, s)
+        k_BxLxHxK = apply_rotary(k_BxLxHxK, rope, s)
         logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
                                     preferred_element_type=jnp.float32) * s.attn_scale
         self.sow("intermediates", "attn_logits", _mean_abs(logits_BxHxLxL))
@@ -206,10 +229,10 @@ class Block(nn.Module):
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+    def __call__(self, x_BxLxD, rope, mask_Bx1xLxL):
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         a = Attention(self.spec, name="attn")(Norm(self.spec, name="attn_norm")(x_BxLxD),
-                                              positions_BxL, mask_Bx1xLxL)
+                                              rope, mask_Bx1xLxL)
         self.sow("intermediates", "attn_out", _mean_abs(a))
         x_BxLxD = x_BxLxD + a
         f = MLP(self.spec, name="mlp")(Norm(self.spec, name="mlp_norm")(x_BxLxD))
@@ -224,9 +247,9 @@ class ScannedBlock(nn.Module):
 
     @nn.compact
     def __call__(self, carry, _):
-        x_BxLxD, positions_BxL, mask_Bx1xLxL = carry
-        x_BxLxD = Block(self.spec, name="block")(x_BxLxD, positions_BxL, mask_Bx1xLxL)
-        return (x_BxLxD, positions_BxL, mask_Bx1xLxL), None
+        x_BxLxD, rope, mask_Bx1xLxL = carry
+        x_BxLxD = Block(self.spec, name="block")(x_BxLxD, rope, mask_Bx1xLxL)
+        return (x_BxLxD, rope, mask_Bx1xLxL), None
 
 
 _REMAT = {
@@ -245,6 +268,7 @@ class Transformer(nn.Module):
         B, L = tokens_BxL.shape
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        rope = rotary_table(positions_BxL, s)
         mask_Bx1xLxL = jnp.tril(jnp.ones((L, L), dtype=bool))[None, None]
         if s.segment_mask and segment_ids_BxL is not None:
             same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
@@ -257,7 +281,7 @@ class Transformer(nn.Module):
         block = ScannedBlock
         if s.remat != "none":
             block = nn.remat(block, policy=_REMAT[s.remat], prevent_cse=not s.scan_layers)
-        carry = (x_BxLxD, positions_BxL, mask_Bx1xLxL)
+        carry = (x_BxLxD, rope, mask_Bx1xLxL)
         if s.scan_layers:
             carry, _ = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                                split_rngs={"params": True}, length=s.num_layers,

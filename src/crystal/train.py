@@ -132,13 +132,18 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, num_sources: i
             aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
             return (g_acc, loss_acc, aux_acc), row_loss
 
-        zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-        zeros_aux = dict(tokens=jnp.zeros([], jnp.float32),
-                         source_loss=jnp.zeros([num_sources], jnp.float32),
-                         source_tokens=jnp.zeros([num_sources], jnp.float32))
-        (g_sum, loss_sum, aux), row_loss_AxR = jax.lax.scan(
-            micro_step, (zeros_g, jnp.zeros([], jnp.float32), zeros_aux), micro)
-        row_loss_B = jnp.swapaxes(row_loss_AxR, 0, 1).reshape(-1)   # back to row order
+        if accum == 1:   # no loop: a zero-filled accumulator costs a pass over the params
+            g_sum, aux = grad_fn(state.params, batch, cfg, num_sources)
+            row_loss_B = aux.pop("row_loss")
+            loss_sum = jnp.sum(row_loss_B)
+        else:
+            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            zeros_aux = dict(tokens=jnp.zeros([], jnp.float32),
+                             source_loss=jnp.zeros([num_sources], jnp.float32),
+                             source_tokens=jnp.zeros([num_sources], jnp.float32))
+            (g_sum, loss_sum, aux), row_loss_AxR = jax.lax.scan(
+                micro_step, (zeros_g, jnp.zeros([], jnp.float32), zeros_aux), micro)
+            row_loss_B = jnp.swapaxes(row_loss_AxR, 0, 1).reshape(-1)   # back to row order
         if poison is not None:
             poison_B = poison.astype(jnp.float32)
             row_loss_B = row_loss_B + poison_B
