@@ -245,8 +245,9 @@ def plot(res: dict, path):
     fig.suptitle(f"LR transfer on the sample corpus ({res['mode']} mode, base width "
                  f"{res['setup']['base_width']})", fontsize=10)
     fig.tight_layout()
-    from crystal.mup.coord_check import _write_atomic
-    _write_atomic(Path(path), lambda t: fig.savefig(t, dpi=120, format="png"))
+    from crystal.data import cache
+    with cache.atomic_open(path) as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -366,9 +367,11 @@ def main(argv=None):
                      mup_wider_is_better=wider_better()),
         curves=dict(every=max(1, a.steps // 50), loss=curves))
     out = Path(a.out)
-    from crystal.mup.coord_check import _write_atomic, write_json
+    from crystal.data import cache
+    from crystal.mup.coord_check import write_json
     write_json(out / "results.json", res)
-    _write_atomic(out / "loss_table.md", lambda t: Path(t).write_text(loss_table(res)))
+    with cache.atomic_open(out / "loss_table.md", "w") as f:
+        f.write(loss_table(res))
     plot(res, out / "mup_transfer.png")
     print(loss_table(res))
     print(f"wrote {out}/results.json, loss_table.md, mup_transfer.png "

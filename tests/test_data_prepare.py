@@ -312,3 +312,22 @@ def test_given_tokenizer_model_and_int32_storage(prepared, corpus, tmp_path):
         for c, c2 in zip(e["chunks"], m["groups"][g]["chunks"]):
             a, b = _load(tmp / "wd", c["path"]), _load(tmp_path / "wd", c2["path"])
             assert b.dtype == np.int32 and np.array_equal(a, b)
+
+
+def test_atomic_open_gives_the_old_file_or_the_whole_new_one(tmp_path):
+    """The one writer behind every file a later run reads (chunks, manifests, ledgers,
+    metrics, plots, plans): a write that raises leaves the old file and no temp file."""
+    from crystal.data import cache
+    path = tmp_path / "sub" / "ledger.json"
+    with cache.atomic_open(path, "w") as f:
+        f.write("old")
+    with pytest.raises(RuntimeError):
+        with cache.atomic_open(path, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.json"]
+    with cache.atomic_open(path, "wb", sync=True) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.json"]

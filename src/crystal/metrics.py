@@ -27,6 +27,8 @@ import types
 from pathlib import Path
 import numpy as np
 
+from crystal.data import cache
+
 
 def _clu_writers() -> types.ModuleType:
     """clu.metric_writers, importable without TensorFlow.
@@ -166,9 +168,8 @@ class JsonlWriter(_ScalarsOnly):
                 keep.append(line)
         if len(keep) == len(lines):
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
-        os.replace(tmp, self.path)
+        with cache.atomic_open(self.path, "w") as f:
+            f.write("".join(l + "\n" for l in keep))
 
     def write_scalars(self, step, scalars):
         rec = {"step": int(step), "time": round(time.time(), 3)}
@@ -504,9 +505,7 @@ def plot_loss(jsonl_path, png_path) -> Path:
         axes[0][1].set_title("eval loss per source")
         axes[0][1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
+    with cache.atomic_open(png_path) as f:
+        fig.savefig(f, format="png", bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, png_path)
     return png_path

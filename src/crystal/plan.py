@@ -28,6 +28,7 @@ import time
 from absl import app, flags
 
 from crystal import config as config_lib
+from crystal.data import cache
 
 # Device memory (bytes) as the driver reports it; what a process can actually use is
 # --usable_fraction of it (XLA_PYTHON_CLIENT_MEM_FRACTION, runtime, NCCL buffers).
@@ -285,10 +286,8 @@ def main(argv):
         sys.exit(1)
     print(report(p))
     if FLAGS.json_out:
-        tmp = FLAGS.json_out + ".tmp"
-        with open(tmp, "w") as f:
+        with cache.atomic_open(FLAGS.json_out, "w") as f:
             json.dump(p, f, indent=2)
-        os.replace(tmp, FLAGS.json_out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ shardings), then the loop that runs the stages, checkpoints, metrics and stabili
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.struct
@@ -196,7 +195,6 @@ import collections  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -206,6 +204,7 @@ from crystal import checkpoint as ckpt_lib  # noqa: E402
 from crystal import config as config_lib  # noqa: E402
 from crystal import metrics as metrics_lib  # noqa: E402
 from crystal import sharding as sharding_lib  # noqa: E402
+from crystal.data import cache  # noqa: E402
 
 log = logging.getLogger("crystal.train")
 
@@ -218,9 +217,8 @@ class TrainError(RuntimeError):
 
 
 def _write_json_atomic(path: Path, obj):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with cache.atomic_open(path, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def check_workdir(cfg, workdir: Path, claim: bool = True) -> dict | None:
@@ -476,7 +474,6 @@ def enable_compilation_cache(cfg):
     if not where or jax.config.jax_compilation_cache_dir:
         return
     if where == "auto":
-        from crystal.data import cache
         where = str(cache.cache_root(cfg) / "jax_compilation")
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

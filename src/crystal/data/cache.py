@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 
@@ -25,20 +26,36 @@ def cache_root(cfg=None) -> Path:
 
 
 def tmp_name(path) -> Path:
-    """A sibling temporary name: same filesystem, so the final rename is atomic."""
+    """A sibling temporary name (same filesystem, so the final rename is atomic), unique
+    per process and thread; `prepare` removes stale ones by the `.*.tmp-*` pattern."""
     p = Path(path)
-    return p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    return p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
-def atomic_write_bytes(path, data: bytes):
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb", sync: bool = False):
+    """A file to write that appears at `path` whole or not at all: a sibling temp file,
+    renamed over `path` when the block ends (after an fsync if `sync`), removed if the
+    block raises. Every crystal writer of a file a later run reads goes through this."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(p)
-    with open(tmp, "wb") as f:
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path, data: bytes):
+    with atomic_open(path, sync=True) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
 
 
 def file_sha256(path, block=1 << 22) -> str:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 
 import grain
 import numpy as np
 
+from crystal.data import cache
 from crystal.data import fim as fim_lib
 from crystal.data import mixture as mix_lib
 
@@ -71,10 +71,8 @@ def read_ledger(workdir) -> dict:
 
 
 def write_ledger(workdir, ledger: dict):
-    path = Path(workdir) / LEDGER
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(ledger, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with cache.atomic_open(Path(workdir) / LEDGER, "w") as f:
+        f.write(json.dumps(ledger, indent=1, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- examples

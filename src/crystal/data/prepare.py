@@ -26,7 +26,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -182,10 +181,8 @@ def tokenize_shard(job: dict) -> dict:
 
 
 def _save(path, arr):
-    tmp = cache.tmp_name(path)
-    with open(tmp, "wb") as f:
+    with cache.atomic_open(path) as f:
         np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- step 2
@@ -284,14 +281,9 @@ def write_chunk(job: dict) -> dict:
     L1 = job["seq_len"] + 1
     flat = gather(job)
     path = Path(job["out"]) / job["path"]
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = flat.reshape(-1, L1)
-    tmp = cache.tmp_name(path)
-    with open(tmp, "wb") as f:
+    with cache.atomic_open(path, sync=True) as f:
         np.save(f, rows, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return dict(group=job["group"], index=job["index"], path=job["path"],
                 sha256=cache.file_sha256(path), num_sequences=int(rows.shape[0]),
                 num_tokens=int(rows.size), tokens_per_source={job["group"]: int(rows.size)})

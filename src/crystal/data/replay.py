@@ -13,13 +13,13 @@ the run wrote one, else the config recorded in the manifest.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from crystal import config as cfg_lib
+from crystal.data import cache
 from crystal.data import loader as loader_lib
 
 
@@ -57,10 +57,8 @@ def decoder(workdir):
 
 
 def save_npz(path, batch: dict, group_names):
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **batch, group_names=np.asarray(group_names, dtype=np.str_))
-    os.replace(tmp, path)
+    with cache.atomic_open(path) as f:
+        np.savez(f, **batch, group_names=np.asarray(group_names, dtype=np.str_))
 
 
 def describe(batch: dict, group_names, decode=None) -> str:

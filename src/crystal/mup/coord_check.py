@@ -20,10 +20,11 @@ import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from crystal.data import cache
 
 LAYER_TYPES = ("embedding", "attn_logits", "attn_out", "mlp_out", "residual", "output_logits")
 PARAMETRIZATIONS = ("mup", "sp")
@@ -219,21 +220,9 @@ def spread(data: dict, parametrization: str, layer_type: str, t: int = -1) -> fl
 # ----------------------------------------------------------------------------- outputs
 
 
-def _write_atomic(path: Path, write):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path, obj):
-    _write_atomic(Path(path), lambda t: Path(t).write_text(json.dumps(obj, indent=1) + "\n"))
+    with cache.atomic_open(path, "w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
 
 
 def plot(data: dict, path, title: str = ""):
@@ -266,7 +255,8 @@ def plot(data: dict, path, title: str = ""):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _write_atomic(Path(path), lambda t: fig.savefig(t, dpi=110, format="png"))
+    with cache.atomic_open(path) as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
 
 
