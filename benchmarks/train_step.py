@@ -12,7 +12,9 @@ all three, so the ratios are ratios of tokens/s. The last line is
 
     ratio crystal/litgpt=X.XX crystal/transformers=Y.YY mfu=Z.ZZ
 
-for the largest size (nan where a peer is not installed).
+for the largest size (nan where a peer is not installed). The line before it is the same
+size's projection matmuls timed alone under XLA and under torch (MKL): the ratio of the
+matrix libraries, which most of a CPU step is.
 """
 
 from __future__ import annotations
@@ -132,6 +134,44 @@ def litgpt_step(cfg):
     return _torch_step(lambda: GPT(lc), lambda net, x: net(x), cfg)
 
 
+def gemm_rates(cfg, rounds: int) -> dict:
+    """{'xla' | 'torch': GFLOP/s} of the step's projection matmuls alone, float32.
+
+    For each projection shape (D->D, D->F, F->D over the B*L tokens) the three products a
+    train step runs: forward x @ W, input gradient dy @ W^T, weight gradient x^T @ dy. Most
+    of a step is these, so this ratio bounds what any framework built on that library can
+    reach against the other at this size.
+    """
+    import jax
+    import jax.numpy as jnp
+    m = cfg.model
+    n_tok = cfg.train.global_batch_size * cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    shapes = [(m.d_model, m.d_model), (m.d_model, m.ffn_dim), (m.ffn_dim, m.d_model)]
+    arrs = [(rng.standard_normal((n_tok, i), np.float32), rng.standard_normal((i, o), np.float32),
+             rng.standard_normal((n_tok, o), np.float32)) for i, o in shapes]
+    flops = sum(3 * 2 * n_tok * i * o for i, o in shapes)
+    fwd, dx, dw = (jax.jit(lambda x, w: x @ w), jax.jit(lambda dy, w: dy @ w.T),
+                   jax.jit(lambda x, dy: x.T @ dy))
+    jarrs = [tuple(jnp.asarray(a) for a in t) for t in arrs]
+
+    def xla():
+        for x, w, dy in jarrs:
+            jax.block_until_ready((fwd(x, w), dx(dy, w), dw(x, dy)))
+    steps = {"xla": xla}
+    try:
+        import torch
+        tarrs = [tuple(torch.from_numpy(a) for a in t) for t in arrs]
+
+        def mkl():
+            for x, w, dy in tarrs:
+                x @ w, dy @ w.T, x.T @ dy
+        steps["torch"] = mkl
+    except ImportError:
+        pass
+    return {k: flops / t / 1e9 for k, t in interleaved_best(steps, rounds, settle=0.1).items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
@@ -165,6 +205,10 @@ def main():
                   f"{res[name] * fpt / peak:>6.3f}")
         res["mfu"] = res["crystal"] * fpt / peak
         last = res
+    g = gemm_rates(cfg, a.rounds)
+    print(f"gemm (the {size} step's projection matmuls alone): xla {g['xla']:.0f} GFLOP/s, "
+          f"torch {g.get('torch', float('nan')):.0f} GFLOP/s, "
+          f"ratio xla/torch={g['xla'] / g.get('torch', float('nan')):.2f}")
     print(f"ratio crystal/litgpt={last['crystal'] / last['litgpt']:.2f} "
           f"crystal/transformers={last['crystal'] / last['transformers']:.2f} "
           f"mfu={last['mfu']:.2f}")

@@ -1,0 +1,30 @@
+"""benchmarks/train_step.py keeps running and keeps its output contract (figures are not
+asserted: speed is measured by running the script, never in a unit test)."""
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_train_step_benchmark_prints_the_ratio_line_last():
+    # The smallest run that goes through every path: one size, tiny batch, one round;
+    # litgpt is optional (the bench extra), transformers is a test dependency.
+    out = subprocess.run(
+        [sys.executable, "benchmarks/train_step.py", "--sizes=7M", "--rounds=1", "--batch=2",
+         "--seq_len=16", "--matmul=256"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    rows = {ln.split()[1]: ln.split() for ln in lines if ln.strip().startswith("7M")}
+    assert {"crystal", "transformers"} <= set(rows), out.stdout
+    assert float(rows["crystal"][3].replace(",", "")) > 0
+    gemm = re.fullmatch(r"gemm \(the 7M step's projection matmuls alone\): xla (\d+) GFLOP/s, "
+                        r"torch (\d+) GFLOP/s, ratio xla/torch=(\d+\.\d\d)", lines[-2])
+    assert gemm and int(gemm[1]) > 0 and int(gemm[2]) > 0, lines[-2]
+    last = re.fullmatch(r"ratio crystal/litgpt=(\S+) crystal/transformers=(\S+) mfu=(\S+)",
+                        lines[-1])
+    assert last, lines[-1]
+    assert float(last[2]) > 0 and 0 < float(last[3]) and math.isfinite(float(last[3]))
