@@ -205,10 +205,10 @@ def main():
                   f"{res[name] * fpt / peak:>6.3f}")
         res["mfu"] = res["crystal"] * fpt / peak
         last = res
-    g = gemm_rates(cfg, a.rounds)
-    print(f"gemm (the {size} step's projection matmuls alone): xla {g['xla']:.0f} GFLOP/s, "
-          f"torch {g.get('torch', float('nan')):.0f} GFLOP/s, "
-          f"ratio xla/torch={g['xla'] / g.get('torch', float('nan')):.2f}")
+    g = gemm_rates(cfg, a.rounds)   # cfg, size: the largest, as the last line
+    xla, mkl = g["xla"], g.get("torch", math.nan)
+    print(f"gemm (the {size} step's projection matmuls alone): xla {xla:.0f} GFLOP/s, "
+          f"torch {mkl:.0f} GFLOP/s, ratio xla/torch={xla / mkl:.2f}")
     print(f"ratio crystal/litgpt={last['crystal'] / last['litgpt']:.2f} "
           f"crystal/transformers={last['crystal'] / last['transformers']:.2f} "
           f"mfu={last['mfu']:.2f}")

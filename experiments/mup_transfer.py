@@ -368,8 +368,7 @@ def main(argv=None):
         curves=dict(every=max(1, a.steps // 50), loss=curves))
     out = Path(a.out)
     from crystal.data import cache
-    from crystal.mup.coord_check import write_json
-    write_json(out / "results.json", res)
+    cache.write_json(out / "results.json", res)
     with cache.atomic_open(out / "loss_table.md", "w") as f:
         f.write(loss_table(res))
     plot(res, out / "mup_transfer.png")

@@ -7,6 +7,7 @@ import pytest
 
 from crystal import config as config_lib
 from crystal import mup
+from crystal.data import cache
 from crystal.mup import coord_check, transfer
 
 
@@ -107,7 +108,7 @@ def test_coord_check_mup_is_flat_in_width_and_sp_is_not(coord):
 
 
 def test_coord_check_outputs(coord, tmp_path):
-    coord_check.write_json(tmp_path / "coord_check.json", coord)
+    cache.write_json(tmp_path / "coord_check.json", coord)
     coord_check.plot(coord, tmp_path / "coord_check.png")
     d = json.loads((tmp_path / "coord_check.json").read_text())
     assert set(d) == {"mup", "sp"} and set(coord_check.LAYER_TYPES) <= set(d["mup"])

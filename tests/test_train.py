@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from crystal import checkpoint as ckpt_lib
-from crystal import config, model, optim, train
+from crystal import config, optim, train
 from crystal.data import prepare
 
 REPO = Path(__file__).resolve().parents[1]

@@ -216,11 +216,6 @@ class TrainError(RuntimeError):
     """A run that cannot start or go on; the message says why and what to run instead."""
 
 
-def _write_json_atomic(path: Path, obj):
-    with cache.atomic_open(path, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
 def check_workdir(cfg, workdir: Path, claim: bool = True) -> dict | None:
     """Refuses a workdir holding another config's run; with `claim`, records this one.
 
@@ -245,7 +240,7 @@ def check_workdir(cfg, workdir: Path, claim: bool = True) -> dict | None:
     workdir.mkdir(parents=True, exist_ok=True)
     rec = dict(fingerprint=fp, config_name=cfg.name, created=time.time(),
                config=config_lib.to_json_dict(cfg))
-    _write_json_atomic(path, rec)
+    cache.write_json(path, rec, sort_keys=True)
     return rec
 
 
@@ -444,7 +439,7 @@ def _quarantine(r: _Run, rec: dict):
     have = json.loads(path.read_text()) if path.exists() else {"incidents": []}
     have["incidents"].append(rec)
     have["chunks"] = sorted({i["chunk"] for i in have["incidents"]})
-    _write_json_atomic(path, have)
+    cache.write_json(path, have, sort_keys=True)
 
 
 def _evaluate(r: _Run, eval_step, params, loader, bsh) -> dict:

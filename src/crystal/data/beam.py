@@ -129,8 +129,7 @@ def run(cfg, workdir, input_dir=None, on_bad_record=None, pipeline_args=(),
         prep_log = dict(runner="beam", pipeline_args=list(pipeline_args),
                         shards=len(shards), input_bytes=sum(r["bytes"] for r in shards),
                         total_s=time.perf_counter() - t0)
-        cache.atomic_write_bytes(out / prep.LOG_FILE, (json.dumps(prep_log, indent=1) + "\n")
-                                 .encode())
+        cache.write_json(out / prep.LOG_FILE, prep_log, sync=True)
         prep._warn_bad(manifest)
         return manifest
 

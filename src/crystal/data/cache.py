@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -56,6 +57,12 @@ def atomic_open(path, mode: str = "wb", sync: bool = False):
 def atomic_write_bytes(path, data: bytes):
     with atomic_open(path, sync=True) as f:
         f.write(data)
+
+
+def write_json(path, obj, sort_keys: bool = False, sync: bool = False):
+    """`obj` as indented JSON and a newline, through `atomic_open`."""
+    with atomic_open(path, "w", sync=sync) as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=sort_keys) + "\n")
 
 
 def file_sha256(path, block=1 << 22) -> str:

@@ -71,8 +71,7 @@ def read_ledger(workdir) -> dict:
 
 
 def write_ledger(workdir, ledger: dict):
-    with cache.atomic_open(Path(workdir) / LEDGER, "w") as f:
-        f.write(json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+    cache.write_json(Path(workdir) / LEDGER, ledger, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- examples

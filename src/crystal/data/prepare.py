@@ -499,8 +499,7 @@ def _prepare_locked(cfg, workdir, input_dir, workers, on_bad_record):
                     tokens=ntok, setup_s=t1 - t0, tokenize_s=t2 - t1, write_s=t3 - t2,
                     total_s=time.perf_counter() - t0,
                     tokenize_cpu_s=sum(r["seconds"] for r in results))
-    cache.atomic_write_bytes(st["out"] / LOG_FILE, (json.dumps(prep_log, indent=1) + "\n")
-                             .encode())
+    cache.write_json(st["out"] / LOG_FILE, prep_log, sync=True)
     _warn_bad(manifest)
     return manifest
 

@@ -220,11 +220,6 @@ def spread(data: dict, parametrization: str, layer_type: str, t: int = -1) -> fl
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_json(path, obj):
-    with cache.atomic_open(path, "w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
-
-
 def plot(data: dict, path, title: str = ""):
     """microsoft/mup style: one panel per (parametrization, layer type), x = width (log2),
     y = mean |activation| (log), one line per training step."""
@@ -310,14 +305,14 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(a.out)
-    write_json(out / "coord_check.json", data)
+    cache.write_json(out / "coord_check.json", data)
     meta = dict(config=a.config, widths=widths, steps=a.steps, lr=lr,
                 batch_size=a.batch_size, seq_len=a.seq_len, num_layers=a.num_layers,
                 head_dim=a.head_dim or config_lib.head_dim(cfg), seed=a.seed,
                 base_width=int(cfg.mup.base_width), data=a.workdir or "stdlib-sentencepiece",
                 spread_last_step={p: {k: spread(data, p, k) for k in LAYER_TYPES}
                                   for p in PARAMETRIZATIONS})
-    write_json(out / "coord_check_meta.json", meta)
+    cache.write_json(out / "coord_check_meta.json", meta)
     plot(data, out / "coord_check.png",
          title=f"coordinate check: {a.steps} Adam steps at lr {lr:g}, base width "
                f"{cfg.mup.base_width}")
