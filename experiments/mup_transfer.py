@@ -245,8 +245,8 @@ def plot(res: dict, path):
     fig.suptitle(f"LR transfer on the sample corpus ({res['mode']} mode, base width "
                  f"{res['setup']['base_width']})", fontsize=10)
     fig.tight_layout()
-    from crystal.data import cache
-    with cache.atomic_open(path) as f:
+    from crystal import fileio
+    with fileio.atomic_open(path) as f:
         fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
 
@@ -367,9 +367,9 @@ def main(argv=None):
                      mup_wider_is_better=wider_better()),
         curves=dict(every=max(1, a.steps // 50), loss=curves))
     out = Path(a.out)
-    from crystal.data import cache
-    cache.write_json(out / "results.json", res)
-    with cache.atomic_open(out / "loss_table.md", "w") as f:
+    from crystal import fileio
+    fileio.write_json(out / "results.json", res)
+    with fileio.atomic_open(out / "loss_table.md", "w") as f:
         f.write(loss_table(res))
     plot(res, out / "mup_transfer.png")
     print(loss_table(res))

@@ -83,7 +83,7 @@ def _error_lines(stderr):
 ])
 def test_cli_bad_input_exits_nonzero_with_one_line(args, field):
     r = _info(*args)
-    assert r.returncode != 0 and r.stdout == ""
+    assert r.returncode == 2 and r.stdout == ""
     lines = _error_lines(r.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], r.stderr
 

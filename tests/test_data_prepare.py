@@ -1,5 +1,4 @@
 """Preparation: chunk layout and content, determinism, manifest verification, bad input."""
-import fnmatch
 import json
 import subprocess
 import sys
@@ -149,8 +148,9 @@ def test_verify_reports_each_mismatch_by_name(prepared, tmp_path):
     assert problems[1] == "text.notes/val.npy: missing"
     r = subprocess.run([sys.executable, "-m", "crystal.data.verify", f"--workdir={wd}"],
                        capture_output=True, text=True)
-    assert r.returncode == 1
-    assert "error: starcoder.css/train_00001.npy: sha256 mismatch" in r.stderr
+    assert r.returncode == 2
+    assert "bad: starcoder.css/train_00001.npy: sha256 mismatch" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: 2 of ")
     r = subprocess.run([sys.executable, "-m", "crystal.data.verify",
                         f"--workdir={tmp / 'wd'}"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("ok:")
@@ -218,7 +218,7 @@ def test_bad_records_fail_by_default_and_leave_no_manifest(tmp_path):
                         f"--config.data.cache_dir={tmp_path / 'cache'}",
                         f"--workdir={tmp_path / 'wd'}", f"--input={root}"],
                        capture_output=True, text=True, cwd=cfg_lib.REPO_ROOT)
-    assert r.returncode == 1
+    assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {root}/slimpajama/chunk1/example_train_1.jsonl.zst")
     r = subprocess.run(r.args + ["--on_bad_record=skip", "--workers=2"], capture_output=True,
@@ -317,17 +317,17 @@ def test_given_tokenizer_model_and_int32_storage(prepared, corpus, tmp_path):
 def test_atomic_open_gives_the_old_file_or_the_whole_new_one(tmp_path):
     """The one writer behind every file a later run reads (chunks, manifests, ledgers,
     metrics, plots, plans): a write that raises leaves the old file and no temp file."""
-    from crystal.data import cache
+    from crystal import fileio
     path = tmp_path / "sub" / "ledger.json"
-    with cache.atomic_open(path, "w") as f:
+    with fileio.atomic_open(path, "w") as f:
         f.write("old")
     with pytest.raises(RuntimeError):
-        with cache.atomic_open(path, "w") as f:
+        with fileio.atomic_open(path, "w") as f:
             f.write("half of the new")
             raise RuntimeError("killed mid-write")
     assert path.read_text() == "old"
     assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.json"]
-    with cache.atomic_open(path, "wb", sync=True) as f:
+    with fileio.atomic_open(path, "wb", sync=True) as f:
         f.write(b"new")
     assert path.read_bytes() == b"new"
     assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.json"]

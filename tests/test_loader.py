@@ -8,7 +8,8 @@ import pytest
 
 from crystal import config as cfg_lib
 from crystal.data import loader as loader_lib
-from crystal.data.loader import LoaderError, StageLoader
+from crystal.data.loader import StageLoader
+from crystal.errors import DataError
 
 KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "source_id", "chunk", "row", "group",
         "epoch", "index", "fim")
@@ -191,7 +192,7 @@ def test_resume_across_stage_boundary(wd):
     # A stage-1 state cannot be restored into stage 2.
     s1 = StageLoader(cfg, wd, 1)
     take(s1, 4)
-    with pytest.raises(LoaderError, match="stage"):
+    with pytest.raises(DataError, match="stage"):
         StageLoader(cfg, wd, 2).set_state(s1.get_state())
 
 
@@ -211,7 +212,7 @@ def test_processes_split_the_global_batch(wd):
         g = whole.global_batch(step)
         cat = {k: np.concatenate([parts[p][step][k] for p in range(P)]) for k in KEYS}
         assert same(cat, g)
-    with pytest.raises(LoaderError, match="divisible"):
+    with pytest.raises(DataError, match="divisible"):
         StageLoader(cfg, wd, 3, process_index=0, process_count=3)
 
 
@@ -261,7 +262,7 @@ def test_skip_chunk_is_deterministic_and_recorded(wd, tmp_path):
     assert same(next(fresh), after[0])
     # ... and steps before the skip are what they always were.
     assert same(fresh.global_batch(5), before[5])
-    with pytest.raises(LoaderError, match="no chunk"):
+    with pytest.raises(DataError, match="no chunk"):
         ld.skip_chunk("starcoder.python:99")
     shutil.rmtree(run)
 
@@ -286,14 +287,14 @@ def test_val_batches(wd):
 
 
 def test_bad_inputs_are_one_line_errors(wd, tmp_path):
-    with pytest.raises(LoaderError, match="manifest"):
+    with pytest.raises(DataError, match="manifest"):
         StageLoader(tiny(), tmp_path, 1)
-    with pytest.raises(LoaderError, match=r"stages.stage_3.mixture.python.groups"):
+    with pytest.raises(DataError, match=r"stages.stage_3.mixture.python.groups"):
         StageLoader(tiny(**{"stages.stage_3.mixture.python.groups": "starcoder.cobol"}), wd, 3)
-    with pytest.raises(LoaderError, match="seq_len"):
+    with pytest.raises(DataError, match="seq_len"):
         StageLoader(tiny(**{"data.seq_len": 64}), wd, 1)
     ld = StageLoader(tiny(), wd, 1)
-    with pytest.raises(LoaderError, match="data_sha256"):
+    with pytest.raises(DataError, match="data_sha256"):
         ld.set_state(dict(ld.get_state(), data_sha256="0" * 64))
-    with pytest.raises(LoaderError, match="global_batch_size"):
+    with pytest.raises(DataError, match="global_batch_size"):
         StageLoader(tiny(**{"train.global_batch_size": 32}), wd, 1).set_state(ld.get_state())

@@ -7,7 +7,7 @@ import pytest
 
 from crystal import config as config_lib
 from crystal import mup
-from crystal.data import cache
+from crystal import fileio
 from crystal.mup import coord_check, transfer
 
 
@@ -108,7 +108,7 @@ def test_coord_check_mup_is_flat_in_width_and_sp_is_not(coord):
 
 
 def test_coord_check_outputs(coord, tmp_path):
-    cache.write_json(tmp_path / "coord_check.json", coord)
+    fileio.write_json(tmp_path / "coord_check.json", coord)
     coord_check.plot(coord, tmp_path / "coord_check.png")
     d = json.loads((tmp_path / "coord_check.json").read_text())
     assert set(d) == {"mup", "sp"} and set(coord_check.LAYER_TYPES) <= set(d["mup"])
@@ -117,8 +117,10 @@ def test_coord_check_outputs(coord, tmp_path):
 
 
 def test_coord_check_cli_rejects_bad_widths(tmp_path, capsys):
-    assert coord_check.main(["--widths=64", f"--out={tmp_path}"]) == 2
-    assert "error: --widths" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        coord_check.main(["--widths=64", f"--out={tmp_path}"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --widths=64: need two or more")
     assert not list(tmp_path.iterdir())
 
 

@@ -60,4 +60,4 @@ def test_replay_cli(wd, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "crystal.data.replay", f"--workdir={wd}",
                           "--stage=2", "--step=100000"], capture_output=True, text=True,
                          timeout=120)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: step 100000")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: step 100000")

@@ -277,8 +277,9 @@ def test_plan_bad_input_is_one_line_error():
     p = subprocess.run([sys.executable, "-m", "crystal.plan", "--config=configs/amber_tiny.py",
                         "--mesh=data=3,fsdp=1,tensor=1", "--per_device_batch=2"],
                        capture_output=True, text=True, timeout=300, cwd=HERE.parent)
-    assert p.returncode != 0
-    assert p.stderr.strip().splitlines()[-1].startswith("error: --per_device_batch=2")
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()]
+    assert p.stderr.startswith("error: --per_device_batch=2")
 
 
 @pytest.mark.skipif(not os.environ.get("CRYSTAL_PLAN_7B"),

@@ -130,5 +130,5 @@ def test_cli_trains_a_model(trained, tmp_path):
                         "--config=configs/crystalcoder_tiny.py",
                         f"--input={tmp_path / 'nope'}", f"--out={out}"],
                        capture_output=True, text=True, cwd=cfg_lib.REPO_ROOT)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "does not exist" in r.stderr

@@ -26,10 +26,8 @@ the rest is JSON.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Sequence
@@ -38,14 +36,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from crystal import __version__
+from crystal import __version__, fileio
+from crystal.errors import CheckpointError
 
 ITEMS = ("state", "data", "meta")
 CHECKPOINTS_SUBDIR = "checkpoints"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be saved or found; the message names the path or leaf."""
 
 
 def checkpoint_dir(workdir) -> Path:
@@ -64,15 +61,6 @@ class _ReleaseSteps(ocp.checkpoint_managers.PreservationPolicy):
         return [c.step in self.steps for c in checkpoints]
 
 
-@functools.cache
-def git_commit() -> str:
-    """The commit of the crystal source tree, or '' outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def _json_item(name: str, value) -> dict:
@@ -227,7 +215,7 @@ class Checkpointer:
         meta = _json_item("meta", meta)
         meta.update(step=step, release=bool(release))
         meta.setdefault("crystal_version", __version__)
-        meta.setdefault("git_commit", git_commit())
+        meta.setdefault("git_commit", fileio.git_commit()["commit"])
         meta.setdefault("wallclock", time.time())
         if step in self._mngr.all_steps():
             return False

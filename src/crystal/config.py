@@ -3,18 +3,27 @@
 Configs are `ml_collections.ConfigDict`s written as data in `configs/*.py`; every config
 file starts from `base_config()` here, so every knob has exactly one name and one default,
 and every knob can be overridden from the command line (`--config.model.num_layers=4`).
-Nothing else in crystal imports `configs/` directly.
+Configs are locked: a field that does not exist, in a config file or an override, is a
+ConfigError naming it and the nearest valid name, never a silently added field nobody
+reads. Only the `stages` and `stages.stage_N.mixture` maps take new names (that is what
+a config file fills in). Nothing else in crystal imports `configs/` directly.
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
 import fnmatch
 import importlib.util
 import math
-import os
+import re
+import traceback
 from pathlib import Path
 
 import ml_collections
+
+from crystal import fileio
+from crystal.errors import ConfigError
 
 # The 18 StarCoder special tokens, in id order after the base vocabulary (llm360.md).
 STARCODER_SPECIAL_TOKENS = (
@@ -32,12 +41,17 @@ SCHEDULE_KINDS = ("linear", "cosine")
 WD_MASKS = ("matrices", "all")
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message names the field."""
+def _locked(d: dict, *open_children: str) -> ml_collections.ConfigDict:
+    """A locked ConfigDict whose listed children stay open to new names."""
+    c = ml_collections.ConfigDict(d)
+    c.lock()
+    for name in open_children:
+        c[name].unlock()
+    return c
 
 
 def _stage(steps=100, warmup=10, peak_lr=1e-3, end_lr=1e-4, decay_steps=0, kind="linear"):
-    return ml_collections.ConfigDict(dict(
+    return _locked(dict(
         steps=steps,                 # optimizer steps trained in this stage
         init="previous",             # 'previous' stage's final checkpoint, or 'scratch'
         reset_optimizer=False,       # keep Adam moments across the stage boundary
@@ -51,12 +65,11 @@ def _stage(steps=100, warmup=10, peak_lr=1e-3, end_lr=1e-4, decay_steps=0, kind=
         # name -> {groups: comma-separated fnmatch patterns of data groups, weight,
         #          epochs, fim_rate}; filled in by each config file.
         mixture=ml_collections.ConfigDict(),
-    ))
+    ), "mixture")
 
 
 def mixture_component(groups: str, weight: float, epochs: int = 1, fim_rate: float = 0.0):
-    return ml_collections.ConfigDict(dict(groups=groups, weight=weight, epochs=epochs,
-                                          fim_rate=fim_rate))
+    return _locked(dict(groups=groups, weight=weight, epochs=epochs, fim_rate=fim_rate))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -178,6 +191,8 @@ def base_config() -> ml_collections.ConfigDict:
         plot=True,
         peak_flops_per_device=0.0,  # MFU denominator; 0: crystal.metrics table / CPU timing
     ))
+    c.lock()
+    c.stages.unlock()
     return c
 
 
@@ -280,7 +295,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("stages", "at least one stage is required")
     for i, name in enumerate(stage_names(c), start=1):
         if name != f"stage_{i}":
-            _fail(f"stages.{name}", f"stages must be named stage_1 .. stage_N in order")
+            _fail(f"stages.{name}", "stages must be named stage_1 .. stage_N in order")
         s = c.stages[name]
         p = f"stages.{name}"
         if not isinstance(s.steps, int) or s.steps <= 0:
@@ -370,39 +385,175 @@ def config_path(name_or_path: str) -> Path:
                       f"{REPO_ROOT / 'configs'})")
 
 
+def _line_in(path: Path, tb) -> str:
+    """':LINE' of the deepest traceback frame in the config file `path`, else ''."""
+    lines = [f.lineno for f in traceback.extract_tb(tb) if Path(f.filename) == path]
+    return f":{lines[-1]}" if lines else ""
+
+
+def _locked_key_error(e: Exception) -> str | None:
+    """'no such field NAME (did you mean X?)' from ml_collections' locked-config error."""
+    msg = str(e)
+    if "cannot be added since the config is locked" not in msg:
+        return None
+    name = msg.split('Key "', 1)[-1].split('"', 1)[0]
+    present = re.findall(r"'(\w+)': ", msg.split("Other fields present", 1)[-1].replace("\\", ""))
+    return f"config field {name}: no such field{_did_you_mean(name, present)}"
+
+
 def read(name_or_path) -> ml_collections.ConfigDict:
     """A config file's `get_config()`, unvalidated: how one config file builds on another
-    (the tiny configs start from their 7B twins)."""
+    (the tiny configs start from their 7B twins). A field the schema lacks is an error
+    naming the file and line."""
     path = config_path(str(name_or_path))
     spec = importlib.util.spec_from_file_location(f"crystal_config_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(mod)
-        return mod.get_config()
+        if not hasattr(mod, "get_config"):
+            raise ConfigError(f"config file {path}: defines no get_config()")
+        cfg = mod.get_config()
     except ConfigError:
         raise
     except Exception as e:  # a broken config file is still a one-line error
-        raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
+        where = f"config file {path}{_line_in(path, e.__traceback__)}"
+        raise ConfigError(f"{where}: {_locked_key_error(e) or f'{type(e).__name__}: {e}'}"
+                          ) from None
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {path}: get_config() returned "
+                          f"{type(cfg).__name__}, not an ml_collections.ConfigDict")
+    check_schema(cfg, where=f"config file {path}: ")
+    return cfg
 
 
 def load(name_or_path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """Loads a config file, applies dotted overrides {'model.num_layers': 4}, validates."""
-    cfg = read(name_or_path)
+    """Loads a config file, applies dotted overrides {'model.num_layers': 4} (a string value
+    is parsed as the field's type, as on the command line), validates, locks."""
+    return with_overrides(read(name_or_path), overrides)
+
+
+def with_overrides(cfg, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """`cfg`, in place, with the dotted overrides applied, validated and locked."""
     for key, value in (overrides or {}).items():
         set_field(cfg, key, value)
-    return validate(cfg)
+    validate(cfg)
+    cfg.lock()
+    return cfg
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def _did_you_mean(name: str, candidates, prefix: str = "") -> str:
+    near = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    if near:
+        return f" (did you mean {prefix}{near[0]}?)"
+    names = sorted(candidates)
+    return f" (fields here: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''})"
+
+
+def _template(path: tuple[str, ...]):
+    """The schema node at `path` (a ConfigDict of defaults), or None for an open map
+    (`stages`, a stage's `mixture`) whose entries are sections with their own template."""
+    if path == ("stages",) or (len(path) == 3 and path[0] == "stages" and path[2] == "mixture"):
+        return None
+    if path[:1] == ("stages",):
+        if len(path) >= 4 and path[2] == "mixture":
+            node, rest = mixture_component("*", 1.0), path[4:]
+        else:
+            node, rest = _stage(), path[2:]
+    else:
+        node, rest = base_config(), path
+    for k in rest:
+        node = node[k]
+    return node
+
+
+def check_schema(cfg, where: str = "", path: tuple[str, ...] = ()):
+    """Raises ConfigError for the first field of `cfg` the schema does not have (or a
+    value where a section belongs, or the reverse), naming its dotted path and the
+    nearest valid name."""
+    tmpl = _template(path)
+    for key in cfg.keys():
+        full = ".".join(path + (key,))
+        if tmpl is None:
+            want_section = True
+        elif key not in tmpl:
+            prefix = ".".join(path) + "." if path else ""
+            raise ConfigError(f"{where}config field {full}: no such field"
+                              f"{_did_you_mean(key, tmpl.keys(), prefix)}")
+        else:
+            want_section = isinstance(tmpl[key], ml_collections.ConfigDict)
+        is_section = isinstance(cfg[key], ml_collections.ConfigDict)
+        if want_section and not is_section:
+            raise ConfigError(f"{where}config field {full}: is a section; set its fields")
+        if is_section and not want_section:
+            raise ConfigError(f"{where}config field {full}: is a value, not a section")
+        if is_section:
+            check_schema(cfg[key], where, path + (key,))
+
+
+def _parse_text(text: str, current, dotted: str):
+    """A command-line override's text as the type of the field's current value."""
+    def bad(kind):
+        raise ConfigError(f"config field {dotted}: expected {kind}, got {text!r}")
+    if isinstance(current, bool):
+        t = text.strip().lower()
+        if t in ("1", "true", "yes", "on"):
+            return True
+        if t in ("0", "false", "no", "off"):
+            return False
+        bad("true or false")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            bad("an integer")
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            bad("a number")
+    if isinstance(current, (tuple, list)):
+        t = text.strip()
+        if t[:1] in "([":
+            try:
+                return tuple(ast.literal_eval(t))
+            except (ValueError, SyntaxError):
+                bad("a tuple literal")
+        return tuple(x.strip() for x in t.split(",") if x.strip())
+    if current is None:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    return text
 
 
 def set_field(cfg, dotted: str, value):
+    """Sets one existing field; a missing one is a ConfigError with the nearest name. A str
+    value for a non-str field is parsed as that field's type (command-line overrides)."""
     node = cfg
-    *parents, leaf = dotted.split(".")
-    for p in parents:
+    parts = dotted.split(".")
+    for i, p in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"config field {dotted}: {'.'.join(parts[:i])} is a value, "
+                              "not a section")
         if p not in node:
-            raise ConfigError(f"config field {dotted}: no such field")
-        node = node[p]
-    if leaf not in node:
-        raise ConfigError(f"config field {dotted}: no such field")
-    node[leaf] = value
+            prefix = ".".join(parts[:i]) + "." if i else ""
+            raise ConfigError(f"config field {dotted}: no such field"
+                              f"{_did_you_mean(p, node.keys(), prefix)}")
+        if i < len(parts) - 1:
+            node = node[p]
+    leaf, current = parts[-1], node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config field {dotted}: is a section; set its fields")
+    if isinstance(value, str) and not isinstance(current, str):
+        value = _parse_text(value, current, dotted)
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config field {dotted}: {e}") from None
 
 
 def to_json_dict(cfg) -> dict:
@@ -411,60 +562,21 @@ def to_json_dict(cfg) -> dict:
     return json.loads(cfg.to_json())
 
 
-def from_json_dict(d: dict) -> ml_collections.ConfigDict:
+def from_json_dict(d: dict, where: str = "") -> ml_collections.ConfigDict:
+    """A recorded config (run.json, a checkpoint's meta) back as a validated, locked
+    config; fields the schema lacks are an error naming `where`."""
     def conv(x):
         if isinstance(x, dict):
             return ml_collections.ConfigDict({k: conv(v) for k, v in x.items()})
         if isinstance(x, list):
             return tuple(conv(v) for v in x)
         return x
-    return conv(d)
+    cfg = conv(d)
+    check_schema(cfg, where=f"{where}: " if where else "")
+    return with_overrides(cfg)
 
 
 def fingerprint(cfg, sections=("model", "tokenizer", "data", "stages", "seed")) -> str:
     """A hash of the parts of a config that define a run's data and model."""
-    import hashlib
-    import json
     d = to_json_dict(cfg)
-    sub = {k: d.get(k) for k in sections}
-    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def define_flags():
-    """absl flags shared by every CLI: --config=FILE and --config.X=... overrides."""
-    from ml_collections import config_flags
-    default = os.environ.get("CRYSTAL_CONFIG", str(REPO_ROOT / "configs" / "crystalcoder_tiny.py"))
-    try:  # config_flags reads the default file and sys.argv's overrides right here
-        return config_flags.DEFINE_config_file("config", default, "A configs/*.py file.",
-                                               lock_config=False)
-    except (AttributeError, KeyError) as e:
-        import sys
-        given = " ".join(a for a in sys.argv[1:] if a.startswith("--config."))
-        die(f"config field {str(e).strip(chr(34) + chr(39))}: no such field (in {given})")
-
-
-def from_flag(flag_holder) -> ml_collections.ConfigDict:
-    """Validates the config an absl flag produced (overrides are already applied)."""
-    return validate(flag_holder.value)
-
-
-def die(msg) -> None:
-    """The CLI error contract: one line `error: ...` on stderr, exit status 2."""
-    import sys
-    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv, known_only: bool = False):
-    """absl `flags_parser` for every crystal CLI: a bad flag, a bad config file or an override
-    of a field that does not exist is one line naming it, not a traceback."""
-    from absl import flags
-    try:
-        return flags.FLAGS(argv, known_only=known_only)
-    except flags.Error as e:
-        die(e)
-    except (AttributeError, KeyError) as e:  # ml_collections: override of a missing field
-        given = " ".join(a for a in argv[1:] if a.startswith("--config."))
-        die(f"config field {str(e).strip(chr(34) + chr(39))}: no such field (in {given})")
-    except ConfigError as e:
-        die(e)
+    return fileio.json_sha256({k: d.get(k) for k in sections})[:16]

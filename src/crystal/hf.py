@@ -31,6 +31,7 @@ import numpy as np
 
 from crystal import config as config_lib
 from crystal import model as model_lib
+from crystal.errors import ConversionError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,8 +43,6 @@ ARCHITECTURES = {"rmsnorm": "LlamaForCausalLM", "layernorm": "StableLmForCausalL
 TIE_RTOL = 1e-5
 
 
-class ConversionError(ValueError):
-    """A crystal <-> HF conversion that cannot be done faithfully; the message says why."""
 
 
 # ----------------------------------------------------------------------------- layouts

@@ -9,10 +9,9 @@ of that tree, cross-checked against crystal.metrics' closed-form count.
 
 from __future__ import annotations
 
-import sys
-
 import jax
 
+from crystal import cli
 from crystal import config as config_lib
 from crystal import metrics as metrics_lib
 from crystal import model as model_lib
@@ -81,33 +80,9 @@ def _size(shape) -> int:
 
 
 def main(argv=None):
-    from absl import app, flags
-
-    holder = config_lib.define_flags()
-
-    def fail(msg):
-        print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)  # one line
-        sys.exit(2)
-
-    def parse(args):
-        try:
-            return flags.FLAGS(args)
-        except flags.Error as e:
-            fail(e)
-        except (AttributeError, KeyError) as e:  # ml_collections: an override of no field
-            overrides = " ".join(a for a in args[1:] if a.startswith("--config."))
-            fail(f"no such config field {e} in {overrides}")
-
-    def run(args):
-        if len(args) > 1:
-            fail(f"unexpected arguments {args[1:]}")
-        try:
-            cfg = config_lib.from_flag(holder)
-        except (config_lib.ConfigError, OSError) as e:  # OSError: config file not loadable
-            fail(e)
-        print(report(cfg))
-
-    app.run(run, argv=argv, flags_parser=parse)
+    def body(args):
+        print(report(args.cfg))
+    cli.run(body, doc=__doc__.split("\n\n")[0], config=cli.CONFIG_REQUIRED, argv=argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import types
 from pathlib import Path
 import numpy as np
 
-from crystal.data import cache
+from crystal import fileio
+from crystal.errors import MetricsError
 
 
 def _clu_writers() -> types.ModuleType:
@@ -70,8 +71,6 @@ MultiWriter = metric_writers.MultiWriter
 AsyncMultiWriter = metric_writers.AsyncMultiWriter
 
 
-class MetricsError(RuntimeError):
-    """A metrics file or setting that cannot be used; the message names it."""
 
 
 def _scalar(v):
@@ -168,7 +167,7 @@ class JsonlWriter(_ScalarsOnly):
                 keep.append(line)
         if len(keep) == len(lines):
             return
-        with cache.atomic_open(self.path, "w") as f:
+        with fileio.atomic_open(self.path, "w") as f:
             f.write("".join(l + "\n" for l in keep))
 
     def write_scalars(self, step, scalars):
@@ -505,7 +504,7 @@ def plot_loss(jsonl_path, png_path) -> Path:
         axes[0][1].set_title("eval loss per source")
         axes[0][1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     png_path = Path(png_path)
-    with cache.atomic_open(png_path) as f:
+    with fileio.atomic_open(png_path) as f:
         fig.savefig(f, format="png", bbox_inches="tight")
     plt.close(fig)
     return png_path

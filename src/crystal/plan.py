@@ -22,13 +22,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
-from absl import app, flags
-
+from crystal import cli, fileio
 from crystal import config as config_lib
-from crystal.data import cache
+from crystal.errors import UsageError
 
 # Device memory (bytes) as the driver reports it; what a process can actually use is
 # --usable_fraction of it (XLA_PYTHON_CLIENT_MEM_FRACTION, runtime, NCCL buffers).
@@ -40,20 +38,17 @@ DEVICES = {
     "tpu-v5p": 95 * 2**30,
 }
 
-_CONFIG = config_lib.define_flags()
-flags.DEFINE_string("mesh", "", "AXIS=N,... for data, fsdp, tensor (default: the config's).")
-flags.DEFINE_integer("per_device_batch", 0, "Sequences per device per micro-batch; sets "
-                     "train.grad_accum (0: the config's grad_accum).")
-flags.DEFINE_list("device", list(DEVICES), f"Devices to check the fit on: {list(DEVICES)}.")
-flags.DEFINE_float("usable_fraction", 0.9, "Share of device memory a step may use.")
-flags.DEFINE_boolean("activations", True, "Also compile forward+vjp to measure the "
-                     "activations saved for the backward pass.")
-flags.DEFINE_string("json_out", "", "Also write the plan as JSON here.")
-FLAGS = flags.FLAGS
-
-
-class PlanError(ValueError):
-    pass
+FLAGS = (
+    cli.Flag("mesh", "AXIS=N,... for data, fsdp, tensor (default: the config's)", str, ""),
+    cli.Flag("per_device_batch", "sequences per device per micro-batch; sets "
+             "train.grad_accum (0: the config's grad_accum)", int, 0),
+    cli.Flag("device", f"devices to check the fit on, some of {list(DEVICES)}", list,
+             list(DEVICES)),
+    cli.Flag("usable_fraction", "share of device memory a step may use", float, 0.9),
+    cli.Flag("activations", "also compile forward+vjp to measure the activations saved for "
+             "the backward pass", bool, True),
+    cli.Flag("json_out", "also write the plan as JSON here", str, ""),
+)
 
 
 def _gib(n) -> str:
@@ -71,7 +66,7 @@ def _set_batch(cfg, per_device_batch: int, batch_shards: int):
     gb = int(cfg.train.global_batch_size)
     micro = per_device_batch * batch_shards
     if gb % micro:
-        raise PlanError(f"--per_device_batch={per_device_batch}: global batch {gb} is not a "
+        raise UsageError(f"--per_device_batch={per_device_batch}: global batch {gb} is not a "
                         f"multiple of {per_device_batch} x {batch_shards} batch shards")
     cfg.train.grad_accum = gb // micro
 
@@ -254,41 +249,44 @@ def report(p: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
-    try:
-        cfg = config_lib.from_flag(_CONFIG)
-        if FLAGS.mesh:
-            _set_mesh(cfg, FLAGS.mesh)
-        n = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
-        # Fake the devices before JAX starts: the plan never touches a real accelerator.
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        xf = [f for f in os.environ.get("XLA_FLAGS", "").split()
-              if not f.startswith("--xla_force_host_platform_device_count")]
-        os.environ["XLA_FLAGS"] = " ".join(xf + [f"--xla_force_host_platform_device_count={n}"])
-        for d in FLAGS.device:
-            if d not in DEVICES:
-                raise PlanError(f"--device: unknown device {d!r}; expected some of "
-                                f"{list(DEVICES)}")
-        import jax
-        if jax.device_count() != n:
-            raise PlanError(f"JAX already started with {jax.device_count()} devices; run "
-                            "crystal.plan in a fresh process")
-        from crystal import sharding
-        if FLAGS.per_device_batch:
-            mesh = sharding.make_mesh(cfg)
-            shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(cfg, mesh))
-            _set_batch(cfg, FLAGS.per_device_batch, shards)
-        config_lib.validate(cfg)
-        p = plan(cfg, FLAGS.device, FLAGS.usable_fraction, FLAGS.activations)
-    except (config_lib.ConfigError, PlanError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+def _fake_devices(n: int):
+    """n CPU devices, before JAX starts: the plan never touches a real accelerator."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    xf = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(xf + [f"--xla_force_host_platform_device_count={n}"])
+    import jax
+    if jax.device_count() != n:
+        raise UsageError(f"JAX already started with {jax.device_count()} devices; run "
+                         "crystal.plan in a fresh process")
+
+
+def _main(a):
+    cfg = a.cfg
+    if a.mesh:
+        _set_mesh(cfg, a.mesh)
+    for d in a.device:
+        if d not in DEVICES:
+            raise UsageError(f"--device: unknown device {d!r}; expected some of "
+                             f"{list(DEVICES)}")
+    _fake_devices(cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor)
+    from crystal import sharding
+    if a.per_device_batch:
+        mesh = sharding.make_mesh(cfg)
+        shards = math.prod(mesh.shape[x] for x in sharding.batch_axes(cfg, mesh))
+        _set_batch(cfg, a.per_device_batch, shards)
+    config_lib.validate(cfg)
+    p = plan(cfg, a.device, a.usable_fraction, a.activations)
     print(report(p))
-    if FLAGS.json_out:
-        with cache.atomic_open(FLAGS.json_out, "w") as f:
+    if a.json_out:
+        with fileio.atomic_open(a.json_out, "w") as f:
             json.dump(p, f, indent=2)
 
 
+def main(argv=None):
+    cli.run(_main, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
+            argv=argv)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags)
+    main()

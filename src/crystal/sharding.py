@@ -39,6 +39,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from crystal.errors import ShardingError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 PRESET_FILL = {"gpu": "fsdp", "tpu": "fsdp", "wafer": "data"}
 # Activation constraints resolve rules in this order: batch claims its mesh axes first, so
@@ -46,8 +48,6 @@ PRESET_FILL = {"gpu": "fsdp", "tpu": "fsdp", "wafer": "data"}
 ACTIVATION_PRIORITY = ("batch", "length")
 
 
-class ShardingError(ValueError):
-    """A mesh or rule that cannot work; the message names the config field."""
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -497,23 +497,23 @@ def initialize(settings: DistributedSettings) -> DistributedSettings:
     return settings
 
 
-def define_flags():
-    """absl flags for `crystal.train`: explicit multi-host settings (else auto-detected)."""
-    from absl import flags
-    flags.DEFINE_enum("distributed", "auto", ["auto", "off"],
-                      "auto: flags, then JAX_* env, Slurm, TPU VM; off: one process.")
-    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
-    flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
-    flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
-    flags.DEFINE_string("local_device_ids", None, "Comma-separated local devices to use.")
-    flags.DEFINE_integer("coordinator_port", 12345, "Coordinator port under Slurm.")
+def cli_flags():
+    """`crystal.train`'s multi-host flags (else auto-detected, see distributed_settings)."""
+    from crystal import cli
+    return (
+        cli.Flag("distributed", "auto: flags, then JAX_* env, Slurm, TPU VM; off: one "
+                 "process", str, "auto", choices=("auto", "off")),
+        cli.Flag("coordinator_address", "HOST:PORT of process 0"),
+        cli.Flag("num_processes", "number of processes (hosts)", int),
+        cli.Flag("process_id", "this process's id in [0, num_processes)", int),
+        cli.Flag("local_device_ids", "comma-separated local devices to use"),
+        cli.Flag("coordinator_port", "coordinator port under Slurm", int, 12345),
+    )
 
 
 FLAG_NAMES = ("distributed", "coordinator_address", "num_processes", "process_id",
               "local_device_ids", "coordinator_port")
 
 
-def settings_from_absl(flag_values=None) -> DistributedSettings:
-    from absl import flags
-    fv = flags.FLAGS if flag_values is None else flag_values
-    return distributed_settings({k: getattr(fv, k) for k in FLAG_NAMES if k in fv})
+def settings_from_args(args) -> DistributedSettings:
+    return distributed_settings({k: getattr(args, k) for k in FLAG_NAMES})

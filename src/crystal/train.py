@@ -201,10 +201,12 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from crystal import checkpoint as ckpt_lib  # noqa: E402
+from crystal import cli  # noqa: E402
+from crystal import fileio  # noqa: E402
 from crystal import config as config_lib  # noqa: E402
 from crystal import metrics as metrics_lib  # noqa: E402
 from crystal import sharding as sharding_lib  # noqa: E402
-from crystal.data import cache  # noqa: E402
+from crystal.errors import TrainError  # noqa: E402
 
 log = logging.getLogger("crystal.train")
 
@@ -212,8 +214,6 @@ RUN_FILE = "run.json"
 QUARANTINE_FILE = "quarantine.json"
 
 
-class TrainError(RuntimeError):
-    """A run that cannot start or go on; the message says why and what to run instead."""
 
 
 def check_workdir(cfg, workdir: Path, claim: bool = True) -> dict | None:
@@ -240,7 +240,7 @@ def check_workdir(cfg, workdir: Path, claim: bool = True) -> dict | None:
     workdir.mkdir(parents=True, exist_ok=True)
     rec = dict(fingerprint=fp, config_name=cfg.name, created=time.time(),
                config=config_lib.to_json_dict(cfg))
-    cache.write_json(path, rec, sort_keys=True)
+    fileio.write_json(path, rec, sort_keys=True)
     return rec
 
 
@@ -439,7 +439,7 @@ def _quarantine(r: _Run, rec: dict):
     have = json.loads(path.read_text()) if path.exists() else {"incidents": []}
     have["incidents"].append(rec)
     have["chunks"] = sorted({i["chunk"] for i in have["incidents"]})
-    cache.write_json(path, have, sort_keys=True)
+    fileio.write_json(path, have, sort_keys=True)
 
 
 def _evaluate(r: _Run, eval_step, params, loader, bsh) -> dict:
@@ -469,7 +469,7 @@ def enable_compilation_cache(cfg):
     if not where or jax.config.jax_compilation_cache_dir:
         return
     if where == "auto":
-        where = str(cache.cache_root(cfg) / "jax_compilation")
+        where = str(fileio.cache_root(cfg) / "jax_compilation")
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -773,47 +773,36 @@ def _rollback(r: _Run, stage_n: int, bad, loader, abstract, shardings, fresh_ini
 # ============================================================================= CLI
 
 
-def main(argv=None):
-    from absl import app, flags
+FLAGS = (
+    cli.Flag("workdir", "run directory (default: runs/<config name>)"),
+    cli.Flag("stage", "run stage N alone (from stage N-1's final checkpoint or --init_from); "
+             "default: every remaining stage", int),
+    cli.Flag("init_from", "checkpoint to start from when the workdir has none: WORKDIR, "
+             "WORKDIR/checkpoints or WORKDIR/checkpoints/STEP"),
+    cli.Flag("stop_after_steps", "checkpoint and stop after N steps", int),
+) + sharding_lib.cli_flags()
 
-    cfg_flag = config_lib.define_flags()
-    flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
-    flags.DEFINE_integer("stage", None, "Start at stage N (from stage N-1's final "
-                         "checkpoint); default: config train.stage (0: all, resume).")
-    flags.DEFINE_string("init_from", None, "Checkpoint to start from when the workdir has "
-                        "none: WORKDIR, WORKDIR/checkpoints or WORKDIR/checkpoints/STEP.")
-    flags.DEFINE_integer("stop_after_steps", None, "Checkpoint and stop after N steps.")
-    sharding_lib.define_flags()
 
-    def _main(_):
-        from crystal.data import loader as loader_lib
-        from crystal.data import sources as sources_lib
-        known = (config_lib.ConfigError, ckpt_lib.CheckpointError, loader_lib.LoaderError,
-                 sources_lib.DataError, TrainError, metrics_lib.MetricsError,
-                 sharding_lib.ShardingError, FileNotFoundError)
-        F = flags.FLAGS
-        from absl import logging as absl_logging
-        if F.verbosity <= 0:   # orbax logs every save at INFO
-            absl_logging.set_verbosity(absl_logging.WARNING)
-        try:
-            sharding_lib.initialize(sharding_lib.settings_from_absl())
-            cfg = config_lib.from_flag(cfg_flag)
-            workdir = F.workdir or str(Path("runs") / cfg.name)
-            out = run(cfg, workdir, stage=F.stage, init_from=F.init_from,
-                      stop_after_steps=F.stop_after_steps)
-        except known as e:
-            config_lib.die(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        if out.get("preempted"):
-            return 0
-        if out["start"]["kind"] == "complete":
-            print(f"crystal.train: {workdir} is complete (step {out['final_step']}); "
-                  "nothing to do", flush=True)
-        print(f"crystal.train: done at step {out['final_step']}\n"
-              f"  checkpoints {out['checkpoints']}\n  metrics     {out['metrics']}\n"
-              f"  plot        {out['plot']}", flush=True)
+def _main(a):
+    sharding_lib.initialize(sharding_lib.settings_from_args(a))
+    cfg = a.cfg
+    workdir = a.workdir or str(Path("runs") / cfg.name)
+    out = run(cfg, workdir, stage=a.stage, init_from=a.init_from,
+              stop_after_steps=a.stop_after_steps)
+    if out.get("preempted"):
         return 0
+    if out["start"]["kind"] == "complete":
+        print(f"crystal.train: {workdir} is complete (step {out['final_step']}); "
+              "nothing to do", flush=True)
+    print(f"crystal.train: done at step {out['final_step']}\n"
+          f"  checkpoints {out['checkpoints']}\n  metrics     {out['metrics']}\n"
+          f"  plot        {out['plot']}", flush=True)
+    return 0
 
-    app.run(_main, argv=argv, flags_parser=config_lib.parse_flags)
+
+def main(argv=None):
+    cli.run(_main, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
+            argv=argv, prog="python -m crystal.train")
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from crystal import cli, fileio
 from crystal import config as config_lib
-from crystal.data import cache
 from crystal.data import prepare as prep
 from crystal.data.sources import DataError
 
@@ -45,7 +44,7 @@ def _import_beam():
 
 
 def _dump(path: Path, obj):
-    cache.atomic_write_bytes(path, json.dumps(obj, sort_keys=True).encode())
+    fileio.atomic_write_bytes(path, json.dumps(obj, sort_keys=True).encode())
 
 
 def _tokenize(job, results_dir):
@@ -100,7 +99,7 @@ def run(cfg, workdir, input_dir=None, on_bad_record=None, pipeline_args=(),
     config_lib.validate(cfg)
     out = prep.data_dir(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    with cache.file_lock(out / ".lock"):
+    with fileio.file_lock(out / ".lock"):
         if not overwrite:
             prep._check_existing(cfg, workdir, input_dir)
         t0 = time.perf_counter()
@@ -129,7 +128,7 @@ def run(cfg, workdir, input_dir=None, on_bad_record=None, pipeline_args=(),
         prep_log = dict(runner="beam", pipeline_args=list(pipeline_args),
                         shards=len(shards), input_bytes=sum(r["bytes"] for r in shards),
                         total_s=time.perf_counter() - t0)
-        cache.write_json(out / prep.LOG_FILE, prep_log, sync=True)
+        fileio.write_json(out / prep.LOG_FILE, prep_log, sync=True)
         prep._warn_bad(manifest)
         return manifest
 
@@ -152,40 +151,13 @@ def _unwrap(e: Exception) -> Exception:
 
 
 def main(argv=None):
-    from absl import app, flags
-    cfg_flag = config_lib.define_flags()
-    flags.DEFINE_string("workdir", None, "Run folder; data goes to WORKDIR/data.")
-    flags.DEFINE_string("input", None, "Source folder; default: data.input, else the sample.")
-    flags.DEFINE_enum("on_bad_record", None, ["fail", "skip"], "Bad input policy.")
-    flags.DEFINE_bool("overwrite", False, "Replace data prepared with another config.")
-    flags.mark_flag_as_required("workdir")
-    FLAGS = flags.FLAGS
-    argv = list(sys.argv if argv is None else argv)
-    # Everything after `--` (or any flag absl does not know) goes to Beam.
-    if "--" in argv:
-        i = argv.index("--")
-        ours, beam_args = argv[:i], argv[i + 1:]
-    else:
-        ours, beam_args = argv, []
-
-    def parse(args):
-        rest = config_lib.parse_flags(args, known_only=True)
-        beam_args.extend(rest[1:])
-        return rest[:1]
-
-    def body(_):
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-        try:
-            cfg = config_lib.from_flag(cfg_flag)
-            man = run(cfg, FLAGS.workdir, FLAGS.input, FLAGS.on_bad_record, beam_args,
-                      overwrite=FLAGS.overwrite)
-        except (DataError, config_lib.ConfigError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        prep.summarize(man, FLAGS.workdir)
-        return 0
-
-    app.run(lambda a: sys.exit(body(a)), argv=ours, flags_parser=parse)
+    """Flags crystal does not know (and everything after `--`) go to Beam's pipeline."""
+    def body(a):
+        man = run(a.cfg, a.workdir, a.input, a.on_bad_record, a.extra,
+                  overwrite=a.overwrite)
+        prep.summarize(man, a.workdir)
+    cli.run(body, doc=__doc__.split("\n\n")[0], flags=[f for f in prep.FLAGS if f.name != "workers"],
+            config=cli.CONFIG_REQUIRED, argv=argv, extra_args=True)
 
 
 if __name__ == "__main__":

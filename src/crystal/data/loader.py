@@ -20,7 +20,8 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from crystal.data import cache
+from crystal import fileio
+from crystal.errors import DataError
 from crystal.data import fim as fim_lib
 from crystal.data import mixture as mix_lib
 
@@ -30,8 +31,6 @@ STATE_FORMAT = 1
 LEDGER = "skipped_chunks.json"
 
 
-class LoaderError(ValueError):
-    """Bad data dir, manifest or state; the message names the file or field."""
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -47,16 +46,16 @@ def read_manifest(workdir) -> tuple[dict, str]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise LoaderError(f"{path}: no manifest (run crystal.data.prepare first)") from None
+        raise DataError(f"{path}: no manifest (run crystal.data.prepare first)") from None
     try:
         man = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise LoaderError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
+        raise DataError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
     for key in ("format", "seq_len", "groups", "tokenizer"):
         if key not in man:
-            raise LoaderError(f"{path}: missing field {key!r}")
+            raise DataError(f"{path}: missing field {key!r}")
     if man["format"] != 1:
-        raise LoaderError(f"{path}: field format: unsupported {man['format']!r}")
+        raise DataError(f"{path}: field format: unsupported {man['format']!r}")
     return man, hashlib.sha256(raw).hexdigest()
 
 
@@ -67,11 +66,11 @@ def read_ledger(workdir) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise LoaderError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
+        raise DataError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
 
 
 def write_ledger(workdir, ledger: dict):
-    cache.write_json(Path(workdir) / LEDGER, ledger, sort_keys=True)
+    fileio.write_json(Path(workdir) / LEDGER, ledger, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- examples
@@ -107,10 +106,10 @@ class ExampleReader:
             try:
                 self.ids = fim_lib.FimIds.from_specials(base, tok.get("special_tokens", ()))
             except ValueError as e:
-                raise LoaderError(f"{self.root / 'manifest.json'}: tokenizer.special_tokens: "
+                raise DataError(f"{self.root / 'manifest.json'}: tokenizer.special_tokens: "
                                   f"{e}") from None
             if self.codec.vocab_size != base:
-                raise LoaderError(f"{self.root / tok.get('path', 'tokenizer.model')}: "
+                raise DataError(f"{self.root / tok.get('path', 'tokenizer.model')}: "
                                   f"{self.codec.vocab_size} pieces, manifest tokenizer."
                                   f"vocab_size says {base}")
         self._arrays, self._lock = {}, threading.Lock()
@@ -141,9 +140,9 @@ class ExampleReader:
             try:
                 a = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
-                raise LoaderError(f"{path}: cannot read chunk: {e}") from None
+                raise DataError(f"{path}: cannot read chunk: {e}") from None
             if a.ndim != 2 or a.shape != (n, self.seq_len + 1):
-                raise LoaderError(f"{path}: shape {a.shape}, manifest says "
+                raise DataError(f"{path}: shape {a.shape}, manifest says "
                                   f"({n}, {self.seq_len + 1})")
             self._arrays[key] = a
         return a
@@ -225,13 +224,13 @@ class StageLoader:
         self.manifest, self.data_sha256 = read_manifest(workdir)
         man_path = data_dir(workdir) / "manifest.json"
         if int(self.manifest["seq_len"]) != int(cfg.data.seq_len):
-            raise LoaderError(f"{man_path}: seq_len {self.manifest['seq_len']} != config "
+            raise DataError(f"{man_path}: seq_len {self.manifest['seq_len']} != config "
                               f"data.seq_len {cfg.data.seq_len}")
         B = int(cfg.train.global_batch_size)
         if not (0 <= process_index < process_count):
-            raise LoaderError(f"process_index {process_index} not in [0, {process_count})")
+            raise DataError(f"process_index {process_index} not in [0, {process_count})")
         if B % process_count:
-            raise LoaderError(f"train.global_batch_size {B} is not divisible by "
+            raise DataError(f"train.global_batch_size {B} is not divisible by "
                               f"process_count {process_count}")
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.global_batch_size = B
@@ -244,8 +243,8 @@ class StageLoader:
         try:
             self.mixture = mix_lib.StageMixture(cfg, self.manifest, self.stage,
                                                 self._skips_in)
-        except mix_lib.MixtureError as e:
-            raise LoaderError(str(e)) from None
+        except DataError as e:
+            raise DataError(str(e)) from None
         self.steps = self.mixture.steps
         self.reader = ExampleReader(workdir, self.manifest, self.mixture, cfg.seed,
                                     self.stage, cfg.data.fim_spm_rate)
@@ -269,7 +268,7 @@ class StageLoader:
 
     def global_batch(self, step: int) -> dict:
         if not 0 <= step < self.steps:
-            raise LoaderError(f"step {step}: stage {self.stage} has steps 0..{self.steps - 1}")
+            raise DataError(f"step {step}: stage {self.stage} has steps 0..{self.steps - 1}")
         return self.global_batches()[step]
 
     # ------------------------------------------------------------------ iteration
@@ -325,22 +324,22 @@ class StageLoader:
         if isinstance(state, (str, bytes)):
             state = json.loads(state)
         if state.get("format") != STATE_FORMAT:
-            raise LoaderError(f"loader state: field format {state.get('format')!r} != "
+            raise DataError(f"loader state: field format {state.get('format')!r} != "
                               f"{STATE_FORMAT}")
         for key, mine in (("stage", self.stage), ("data_sha256", self.data_sha256),
                           ("seed", int(self.cfg.seed)),
                           ("global_batch_size", self.global_batch_size)):
             if state.get(key) != mine:
-                raise LoaderError(f"loader state: field {key} is {state.get(key)!r}, this "
+                raise DataError(f"loader state: field {key} is {state.get(key)!r}, this "
                                   f"loader has {mine!r}")
         step = int(state["step"])
         if not 0 <= step <= self.steps:
-            raise LoaderError(f"loader state: field step {step} not in [0, {self.steps}]")
+            raise DataError(f"loader state: field step {step} not in [0, {self.steps}]")
         try:
             merged = mix_lib.parse_skips([*self.mixture.skips, *state.get("skips", [])],
                                          self.mixture.all_chunks)
-        except mix_lib.MixtureError as e:
-            raise LoaderError(f"loader state: field skips: {e}") from None
+        except DataError as e:
+            raise DataError(f"loader state: field skips: {e}") from None
         self.close()
         if merged != self.mixture.skips:
             self._set_skips(merged)
@@ -364,8 +363,8 @@ class StageLoader:
     def _set_skips(self, skips):
         try:
             self.mixture = mix_lib.StageMixture(self.cfg, self.manifest, self.stage, skips)
-        except mix_lib.MixtureError as e:
-            raise LoaderError(str(e)) from None
+        except DataError as e:
+            raise DataError(str(e)) from None
         self._build()
 
     # ------------------------------------------------------------------ bookkeeping

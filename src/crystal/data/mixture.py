@@ -31,12 +31,11 @@ import grain
 import numpy as np
 
 from crystal import config as cfg_lib
+from crystal.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-class MixtureError(ValueError):
-    """A mixture that cannot be built from this manifest; the message names the field."""
 
 
 def _seed32(*words: int) -> int:
@@ -148,7 +147,7 @@ def parse_skips(skips, all_chunks: set[tuple[str, int]]) -> list[Skip]:
         elif isinstance(s, dict) and "chunk" in s:
             name, step = s["chunk"], int(s.get("from_step", 0))
         else:
-            raise MixtureError(f"skip_chunks: bad entry {s!r}; expected 'group:index' or "
+            raise DataError(f"skip_chunks: bad entry {s!r}; expected 'group:index' or "
                                "{'chunk': ..., 'from_step': ...}")
         for key in expand_chunk_name(name, all_chunks):
             out.add(Skip(f"{key[0]}:{key[1]}", max(0, int(step))))
@@ -166,21 +165,21 @@ def expand_chunk_name(name: str, all_chunks: set[tuple[str, int]]) -> list[tuple
         try:
             idx = int(fname.removeprefix("train_").removesuffix(".npy"))
         except ValueError:
-            raise MixtureError(f"skip_chunks: {name!r} is not a train chunk path") from None
+            raise DataError(f"skip_chunks: {name!r} is not a train chunk path") from None
         pats = (grp, idx)
     elif ":" in name:
         grp, idx_s = name.rsplit(":", 1)
         try:
             pats = (grp, int(idx_s))
         except ValueError:
-            raise MixtureError(f"skip_chunks: {name!r}: chunk index must be an integer") \
+            raise DataError(f"skip_chunks: {name!r}: chunk index must be an integer") \
                 from None
     else:
-        raise MixtureError(f"skip_chunks: {name!r}; expected 'group:index'")
+        raise DataError(f"skip_chunks: {name!r}; expected 'group:index'")
     hits = sorted(k for k in all_chunks if k[1] == pats[1]
                   and fnmatch.fnmatchcase(k[0], pats[0]))
     if not hits:
-        raise MixtureError(f"skip_chunks: {name!r} names no chunk in the manifest")
+        raise DataError(f"skip_chunks: {name!r} names no chunk in the manifest")
     return hits
 
 
@@ -190,7 +189,7 @@ class StageMixture:
     def __init__(self, cfg, manifest: dict, stage: int, skips=()):
         names = cfg_lib.stage_names(cfg)
         if not 1 <= stage <= len(names):
-            raise MixtureError(f"stage {stage}: config has stages 1..{len(names)}")
+            raise DataError(f"stage {stage}: config has stages 1..{len(names)}")
         self.stage = stage
         self.seed = int(cfg.seed)
         scfg = cfg_lib.stage(cfg, stage)
@@ -209,7 +208,7 @@ class StageMixture:
             field = f"stages.stage_{stage}.mixture.{cname}"
             groups = cfg_lib.match_groups(comp.groups, self.group_names)
             if not groups:
-                raise MixtureError(f"{field}.groups: {comp.groups!r} matches no data group "
+                raise DataError(f"{field}.groups: {comp.groups!r} matches no data group "
                                    f"in the manifest (have {self.group_names})")
             eg, ec, er = [], [], []
             for g in groups:
@@ -219,10 +218,10 @@ class StageMixture:
                         ec.append(int(ch["index"]))
                         er.append(int(ch["num_sequences"]))
             if not er:
-                raise MixtureError(f"{field}.groups: groups {groups} hold no train sequences")
+                raise DataError(f"{field}.groups: groups {groups} hold no train sequences")
             rows = np.asarray(er, np.int64)
             if rows.sum() >= 2**32:
-                raise MixtureError(f"{field}: {rows.sum()} rows exceed index_shuffle's 2^32")
+                raise DataError(f"{field}: {rows.sum()} rows exceed index_shuffle's 2^32")
             self.components.append(Component(
                 name=cname, index=ci, groups=groups, weight=float(comp.weight),
                 epochs=int(comp.epochs), fim_rate=float(comp.fim_rate),
@@ -273,7 +272,7 @@ class StageMixture:
                     continue
                 ok = np.flatnonzero(~bad)
                 if not len(ok):
-                    raise MixtureError(f"skip_chunks: skipping {sorted(skipped)} leaves "
+                    raise DataError(f"skip_chunks: skipping {sorted(skipped)} leaves "
                                        f"stage {self.stage} component {c.name} no data")
                 per[c.index] = (bad, ok, np.cumsum(c.entry_rows[ok]))
             self._levels.append((step * self.global_batch_size, lvl + 1, per))
@@ -286,7 +285,7 @@ class StageMixture:
                 level = (lvl, per)
         if level is None or c.index not in level[1] or not level[1][c.index][0][entry]:
             return None
-        lvl, (bad, ok, cum) = level[0], level[1][c.index]
+        lvl, (_, ok, cum) = level[0], level[1][c.index]
         n_ok = int(cum[-1])
         j = self._perm(pos % n_ok, n_ok,
                        _seed32(self.seed, _TAG_SKIP, self.stage, c.index, epoch, lvl))

@@ -27,7 +27,6 @@ import importlib
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from crystal import __version__
+from crystal import cli, fileio
 from crystal import config as config_lib
-from crystal.data import cache
 from crystal.data import sources as src_lib
 from crystal.data.sources import BadRecords, DataError, Shard
 from crystal.data.tokenizer import EOS_ID, Tokenizer
@@ -103,17 +102,6 @@ def _diff(a: dict, b: dict, prefix="") -> list[str]:
     return out
 
 
-def _git_commit() -> tuple[str, bool | None]:
-    root = config_lib.REPO_ROOT
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", None
-    return (sha or "unknown"), (bool(dirty) if sha else None)
 
 
 # ----------------------------------------------------------------------------- step 1
@@ -181,7 +169,7 @@ def tokenize_shard(job: dict) -> dict:
 
 
 def _save(path, arr):
-    with cache.atomic_open(path) as f:
+    with fileio.atomic_open(path) as f:
         np.save(f, arr, allow_pickle=False)
 
 
@@ -282,10 +270,10 @@ def write_chunk(job: dict) -> dict:
     flat = gather(job)
     path = Path(job["out"]) / job["path"]
     rows = flat.reshape(-1, L1)
-    with cache.atomic_open(path, sync=True) as f:
+    with fileio.atomic_open(path, sync=True) as f:
         np.save(f, rows, allow_pickle=False)
     return dict(group=job["group"], index=job["index"], path=job["path"],
-                sha256=cache.file_sha256(path), num_sequences=int(rows.shape[0]),
+                sha256=fileio.file_sha256(path), num_sequences=int(rows.shape[0]),
                 num_tokens=int(rows.size), tokens_per_source={job["group"]: int(rows.size)})
 
 
@@ -293,7 +281,8 @@ def write_chunk(job: dict) -> dict:
 
 
 def base_manifest(cfg, tok: Tokenizer, input_dir, input_info: dict) -> dict:
-    commit, dirty = _git_commit()
+    g = fileio.git_commit()
+    commit, dirty = g["commit"] or "unknown", g["dirty"]
     return dict(
         format=FORMAT, crystal_version=__version__, git_commit=commit, git_dirty=dirty,
         created_by="crystal.data.prepare", seed=int(cfg.seed), seq_len=int(cfg.data.seq_len),
@@ -337,7 +326,7 @@ def finish(manifest: dict, plans: list[dict], written: list[dict], shard_results
         for c, comp in cfg.stages[s].mixture.items()
         if not config_lib.match_groups(comp.groups, names))
     raw = (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode()
-    cache.atomic_write_bytes(Path(out_dir) / MANIFEST, raw)
+    fileio.atomic_write_bytes(Path(out_dir) / MANIFEST, raw)
     return manifest
 
 
@@ -387,7 +376,7 @@ def setup(cfg, workdir, input_dir=None, on_bad_record=None):
     out = data_dir(workdir)
     _clear(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache.atomic_write_bytes(out / TOKENIZER_FILE, tok.model_proto)
+    fileio.atomic_write_bytes(out / TOKENIZER_FILE, tok.model_proto)
     tok = Tokenizer.load(out / TOKENIZER_FILE, tuple(cfg.tokenizer.special_tokens))
     tmp = out / TMP_DIR
     tmp.mkdir()
@@ -471,7 +460,7 @@ def prepare(cfg, workdir, input_dir=None, workers=None, on_bad_record=None,
     workers = int(workers or cfg.data.workers)
     out = data_dir(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    with cache.file_lock(out / ".lock"):
+    with fileio.file_lock(out / ".lock"):
         if not overwrite:
             _check_existing(cfg, workdir, input_dir)
         return _prepare_locked(cfg, workdir, input_dir, workers, on_bad_record)
@@ -499,7 +488,7 @@ def _prepare_locked(cfg, workdir, input_dir, workers, on_bad_record):
                     tokens=ntok, setup_s=t1 - t0, tokenize_s=t2 - t1, write_s=t3 - t2,
                     total_s=time.perf_counter() - t0,
                     tokenize_cpu_s=sum(r["seconds"] for r in results))
-    cache.write_json(st["out"] / LOG_FILE, prep_log, sync=True)
+    fileio.write_json(st["out"] / LOG_FILE, prep_log, sync=True)
     _warn_bad(manifest)
     return manifest
 
@@ -548,7 +537,7 @@ def ensure_prepared(cfg, workdir) -> dict:
         return man
     out = data_dir(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    with cache.file_lock(out / ".lock"):  # another process may have prepared meanwhile
+    with fileio.file_lock(out / ".lock"):  # another process may have prepared meanwhile
         man = _check_existing(cfg, workdir)
         if man is not None:
             return man
@@ -558,32 +547,24 @@ def ensure_prepared(cfg, workdir) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 
+FLAGS = (
+    cli.Flag("workdir", "run folder; data goes to WORKDIR/data", required=True),
+    cli.Flag("input", "source folder (SlimPajama .jsonl[.zst], StarCoder parquet, text); "
+             "default: data.input, else the sample corpus"),
+    cli.Flag("workers", "tokenizer processes (default: data.workers)", int),
+    cli.Flag("on_bad_record", "bad input: fail with file:line, or skip and count in the "
+             "manifest", choices=("fail", "skip")),
+    cli.Flag("overwrite", "replace data prepared with another config", bool, False),
+)
+
+
 def main(argv=None):
-    from absl import app, flags
-    cfg_flag = config_lib.define_flags()
-    flags.DEFINE_string("workdir", None, "Run folder; data goes to WORKDIR/data.")
-    flags.DEFINE_string("input", None, "Source folder (SlimPajama .jsonl[.zst], StarCoder "
-                        "parquet, text); default: data.input, else the sample corpus.")
-    flags.DEFINE_integer("workers", None, "Tokenizer processes (default: data.workers).")
-    flags.DEFINE_enum("on_bad_record", None, ["fail", "skip"],
-                      "Bad input: fail with file:line, or skip and count in the manifest.")
-    flags.DEFINE_bool("overwrite", False, "Replace data prepared with another config.")
-    flags.mark_flag_as_required("workdir")
-    FLAGS = flags.FLAGS
-
-    def run(_):
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-        try:
-            cfg = config_lib.from_flag(cfg_flag)
-            man = prepare(cfg, FLAGS.workdir, FLAGS.input, FLAGS.workers, FLAGS.on_bad_record,
-                          overwrite=FLAGS.overwrite)
-        except (DataError, config_lib.ConfigError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        summarize(man, FLAGS.workdir)
-        return 0
-
-    app.run(lambda a: sys.exit(run(a)), argv=argv, flags_parser=config_lib.parse_flags)
+    def body(a):
+        man = prepare(a.cfg, a.workdir, a.input, a.workers, a.on_bad_record,
+                      overwrite=a.overwrite)
+        summarize(man, a.workdir)
+    cli.run(body, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
+            argv=argv)
 
 
 def summarize(man, workdir):

@@ -6,20 +6,19 @@ Global batch N of stage S is records [N*B, (N+1)*B) of the stage's mixture index
 (crystal.data.mixture), so replay is indexing: no training state, no earlier batch is read.
 The training loader computes its batches with the same `StageLoader.global_batch` path, so
 the two cannot disagree. Chunks quarantined during the run are read from
-WORKDIR/skipped_chunks.json. The config is `--config` if given, else WORKDIR/config.json if
-the run wrote one, else the config recorded in the manifest.
+WORKDIR/skipped_chunks.json. The config is `--config` if given, else the one the run recorded
+(run.json, else the manifest), with any `--config.X=V` overrides.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from crystal import config as cfg_lib
-from crystal.data import cache
+from crystal import cli, fileio
+from crystal.errors import DataError
 from crystal.data import loader as loader_lib
 
 
@@ -30,21 +29,22 @@ def replay_batch(cfg, workdir, stage: int, step: int, skip_chunks=()) -> dict:
     return ld.global_batch(int(step))
 
 
-def run_config(workdir, config_file: str | None = None):
-    """The config replay uses (see the module docstring)."""
+def run_config(workdir, config_file: str | None = None, overrides: dict | None = None):
+    """The config replay uses: `config_file` if given, else the one crystal.train recorded
+    in WORKDIR/run.json, else the one crystal.data.prepare recorded in the manifest; then
+    the dotted overrides."""
     if config_file:
-        return cfg_lib.load(config_file)
-    p = Path(workdir) / "config.json"
-    if p.exists():
-        return cfg_lib.validate(cfg_lib.from_json_dict(json.loads(p.read_text())))
-    p = Path(workdir) / "run.json"   # written by crystal.train
-    if p.exists():
-        return cfg_lib.validate(cfg_lib.from_json_dict(json.loads(p.read_text())["config"]))
+        return cfg_lib.load(config_file, overrides)
+    run_file = Path(workdir) / "run.json"
+    if run_file.exists():
+        rec = fileio.read_json(run_file, DataError)
+        return cfg_lib.with_overrides(cfg_lib.from_json_dict(rec["config"], str(run_file)),
+                                      overrides)
     man, _ = loader_lib.read_manifest(workdir)
+    where = loader_lib.data_dir(workdir) / "manifest.json"
     if "config" not in man:
-        raise loader_lib.LoaderError(f"{loader_lib.data_dir(workdir) / 'manifest.json'}: "
-                                     "no recorded config; pass --config")
-    return cfg_lib.validate(cfg_lib.from_json_dict(man["config"]))
+        raise DataError(f"{where}: no recorded config; pass --config")
+    return cfg_lib.with_overrides(cfg_lib.from_json_dict(man["config"], str(where)), overrides)
 
 
 def decoder(workdir):
@@ -57,7 +57,7 @@ def decoder(workdir):
 
 
 def save_npz(path, batch: dict, group_names):
-    with cache.atomic_open(path) as f:
+    with fileio.atomic_open(path) as f:
         np.savez(f, **batch, group_names=np.asarray(group_names, dtype=np.str_))
 
 
@@ -77,35 +77,29 @@ def describe(batch: dict, group_names, decode=None) -> str:
     return "\n".join(lines)
 
 
+FLAGS = (
+    cli.Flag("workdir", "run directory holding data/manifest.json", required=True),
+    cli.Flag("stage", "stage number (1-based)", int, required=True),
+    cli.Flag("step", "step within the stage (0-based)", int, required=True),
+    cli.Flag("out", "write the batch to this .npz", str, ""),
+    cli.Flag("decode", "print each row's text", bool, False),
+)
+
+
 def main(argv=None):
-    from absl import app, flags
-
-    flags.DEFINE_string("workdir", None, "Run directory holding data/manifest.json.")
-    flags.DEFINE_integer("stage", None, "Stage number (1-based).")
-    flags.DEFINE_integer("step", None, "Step within the stage (0-based).")
-    flags.DEFINE_string("out", "", "Write the batch to this .npz.")
-    flags.DEFINE_bool("decode", False, "Print each row's text.")
-    flags.DEFINE_string("config", "", "Config file (default: the run's recorded config).")
-    flags.mark_flags_as_required(["workdir", "stage", "step"])
-    FLAGS = flags.FLAGS
-
-    def _main(_):
-        try:
-            cfg = run_config(FLAGS.workdir, FLAGS.config or None)
-            batch = replay_batch(cfg, FLAGS.workdir, FLAGS.stage, FLAGS.step)
-            man, sha = loader_lib.read_manifest(FLAGS.workdir)
-            names = sorted(man["groups"])
-            print(f"stage {FLAGS.stage} step {FLAGS.step}: {batch['inputs'].shape[0]} rows x "
-                  f"{batch['inputs'].shape[1]} tokens; data {sha[:16]}")
-            print(describe(batch, names, decoder(FLAGS.workdir) if FLAGS.decode else None))
-            if FLAGS.out:
-                save_npz(FLAGS.out, batch, names)
-                print(f"wrote {FLAGS.out}")
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-
-    app.run(_main, argv=argv, flags_parser=cfg_lib.parse_flags)
+    def body(a):
+        cfg = a.cfg or run_config(a.workdir, overrides=a.overrides)
+        batch = replay_batch(cfg, a.workdir, a.stage, a.step)
+        man, sha = loader_lib.read_manifest(a.workdir)
+        names = sorted(man["groups"])
+        print(f"stage {a.stage} step {a.step}: {batch['inputs'].shape[0]} rows x "
+              f"{batch['inputs'].shape[1]} tokens; data {sha[:16]}")
+        print(describe(batch, names, decoder(a.workdir) if a.decode else None))
+        if a.out:
+            save_npz(a.out, batch, names)
+            print(f"wrote {a.out}")
+    cli.run(body, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_OPTIONAL,
+            argv=argv)
 
 
 if __name__ == "__main__":

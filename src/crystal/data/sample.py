@@ -36,6 +36,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from crystal.errors import DataError
+
 BUILDER_VERSION = 1
 NUM_SLIMPAJAMA_SHARDS = 8   # example_train_0..7: four even, four odd
 BUILD_SEED = 20231211       # fixes the (deterministic) deal of documents over shards
@@ -304,37 +306,29 @@ def cache_key(max_mb: float) -> str:
 
 def ensure_sample(cfg=None, max_mb: float | None = None) -> Path:
     """The cached sample corpus (built on first use) under CACHE/sample/<key>."""
-    from crystal.data import cache
+    from crystal import fileio
     if max_mb is None:
         max_mb = float(cfg.data.sample_max_mb) if cfg is not None else 8.0
-    path = cache.cache_root(cfg) / "sample" / cache_key(max_mb)
+    path = fileio.cache_root(cfg) / "sample" / cache_key(max_mb)
     if not path.exists():
-        with cache.file_lock(path.with_name(path.name + ".lock")):
+        with fileio.file_lock(path.with_name(path.name + ".lock")):
             if not path.exists():
                 build(path, max_mb)
     return path
 
 
 def main(argv=None):
-    from absl import app, flags
-    from crystal import config as config_lib
-    flags.DEFINE_string("out", None, "Folder to write the corpus to (must not exist).")
-    flags.DEFINE_float("max_mb", 8.0, "Approximate size cap in MB.")
-    flags.mark_flag_as_required("out")
-    FLAGS = flags.FLAGS
-
-    def run(_):
-        try:
-            info = build(FLAGS.out, FLAGS.max_mb)
-        except (FileExistsError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+    def body(a):
+        if Path(a.out).exists():
+            raise DataError(f"--out={a.out}: already exists; choose a new folder")
+        info = build(a.out, a.max_mb)
         for g, s in sorted(info["groups"].items()):
             print(f"{g:40s} {s['documents']:6d} docs {s['bytes'] / 1e6:7.3f} MB")
-        print(f"total {info['total_bytes'] / 1e6:.2f} MB -> {FLAGS.out}")
-        return 0
-
-    app.run(lambda a: sys.exit(run(a)), argv=argv, flags_parser=config_lib.parse_flags)
+        print(f"total {info['total_bytes'] / 1e6:.2f} MB -> {a.out}")
+    from crystal import cli
+    cli.run(body, doc=__doc__.split("\n\n")[0], argv=argv, flags=[
+        cli.Flag("out", "folder to write the corpus to (must not exist)", required=True),
+        cli.Flag("max_mb", "approximate size cap in MB", float, 8.0)])
 
 
 if __name__ == "__main__":

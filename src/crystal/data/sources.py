@@ -26,6 +26,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from crystal.errors import DataError
+
 SLIMPAJAMA, STARCODER, TEXT = "slimpajama", "starcoder", "text"
 SLIMPAJAMA_SETS = (
     "RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaArXiv",
@@ -40,8 +42,6 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]*$")
 _SKIP_DIRS = {"__pycache__"}
 
 
-class DataError(ValueError):
-    """Input that cannot be prepared; the message is one line naming the file."""
 
 
 class BadRecordError(DataError):

@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
-from crystal.data import cache
+from crystal import fileio
 from crystal.data.sources import BadRecords, DataError, read_file, discover
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -201,7 +200,7 @@ def train_from_lines(cfg, lines, out_path, where="corpus") -> Tokenizer:
     except RuntimeError as e:
         raise DataError(f"{where}: sentencepiece training failed: "
                         f"{str(e).strip().splitlines()[-1]}") from None
-    cache.atomic_write_bytes(out_path, buf.getvalue())
+    fileio.atomic_write_bytes(out_path, buf.getvalue())
     return Tokenizer.load(out_path, tuple(t.special_tokens))
 
 
@@ -231,8 +230,8 @@ def obtain(cfg, input_dir, on_bad_record=None) -> Tokenizer:
         return Tokenizer.from_config(cfg, cfg.tokenizer.model_path)
     lines = training_sentences(input_dir, cfg.tokenizer.train_max_sentences, cfg.seed,
                                on_bad_record or cfg.data.on_bad_record)
-    path = cache.cache_root(cfg) / "tokenizers" / f"{cache_key(cfg, lines)}.model"
-    with cache.file_lock(path.with_suffix(".lock")):
+    path = fileio.cache_root(cfg) / "tokenizers" / f"{cache_key(cfg, lines)}.model"
+    with fileio.file_lock(path.with_suffix(".lock")):
         if not path.exists():
             train_from_lines(cfg, lines, path, where=str(input_dir))
     return Tokenizer.from_config(cfg, path)
@@ -242,29 +241,17 @@ def obtain(cfg, input_dir, on_bad_record=None) -> Tokenizer:
 
 
 def main(argv=None):
-    from absl import app, flags
-    from crystal import config as config_lib
+    from crystal import cli
 
-    cfg_flag = config_lib.define_flags()
-    flags.DEFINE_string("out", None, "Where to write the trained tokenizer.model.")
-    flags.DEFINE_string("input", None, "Corpus folder; default: the bundled sample corpus.")
-    flags.mark_flag_as_required("out")
-    FLAGS = flags.FLAGS
-
-    def run(_):
-        try:
-            cfg = config_lib.from_flag(cfg_flag)
-            from crystal.data import sample
-            input_dir = FLAGS.input or cfg.data.input or str(sample.ensure_sample(cfg))
-            tok = train(cfg, input_dir, FLAGS.out)
-        except (DataError, config_lib.ConfigError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"wrote {FLAGS.out}: {tok.base_vocab_size} pieces + "
+    def body(a):
+        from crystal.data import sample
+        input_dir = a.input or a.cfg.data.input or str(sample.ensure_sample(a.cfg))
+        tok = train(a.cfg, input_dir, a.out)
+        print(f"wrote {a.out}: {tok.base_vocab_size} pieces + "
               f"{len(tok.special_tokens)} specials, sha256 {tok.sha256}")
-        return 0
-
-    app.run(lambda a: sys.exit(run(a)), argv=argv, flags_parser=config_lib.parse_flags)
+    cli.run(body, doc=__doc__.split("\n\n")[0], config=cli.CONFIG_REQUIRED, argv=argv, flags=[
+        cli.Flag("out", "where to write the trained tokenizer.model", required=True),
+        cli.Flag("input", "corpus folder (default: data.input, else the sample corpus)")])
 
 
 if __name__ == "__main__":

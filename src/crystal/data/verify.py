@@ -1,6 +1,6 @@
 """Re-hashes every file a manifest names and reports each mismatch by name.
 
-    python -m crystal.data.verify --workdir=DIR      (exit 1 and one line per problem)
+    python -m crystal.data.verify --workdir=DIR      (exit 2: one line per problem, then error:)
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crystal import config as config_lib
-from crystal.data import cache
+from crystal import cli, fileio
+from crystal.errors import DataError
 
 
 def _files(man: dict):
@@ -40,9 +40,9 @@ def verify(workdir) -> tuple[int, list[str]]:
     n = 1
     if not tpath.exists():
         problems.append(f"{tok.get('path')}: missing")
-    elif cache.file_sha256(tpath) != tok.get("sha256"):
+    elif fileio.file_sha256(tpath) != tok.get("sha256"):
         problems.append(f"{tok.get('path')}: sha256 mismatch (manifest {tok.get('sha256')}, "
-                        f"file {cache.file_sha256(tpath)})")
+                        f"file {fileio.file_sha256(tpath)})")
     L1 = int(man["seq_len"]) + 1
     dtype = np.dtype(man["dtype"])
     for rel, e in _files(man):
@@ -51,7 +51,7 @@ def verify(workdir) -> tuple[int, list[str]]:
         if not p.exists():
             problems.append(f"{rel}: missing")
             continue
-        digest = cache.file_sha256(p)
+        digest = fileio.file_sha256(p)
         if digest != e["sha256"]:
             problems.append(f"{rel}: sha256 mismatch (manifest {e['sha256']}, file {digest})")
             continue
@@ -69,24 +69,16 @@ def verify(workdir) -> tuple[int, list[str]]:
 
 
 def main(argv=None):
-    from absl import app, flags
-    flags.DEFINE_string("workdir", None, "Run folder holding data/manifest.json.")
-    flags.mark_flag_as_required("workdir")
-    FLAGS = flags.FLAGS
-
-    def run(_):
-        n, problems = verify(FLAGS.workdir)
+    def body(args):
+        n, problems = verify(args.workdir)
         for p in problems:
-            print(f"error: {p}", file=sys.stderr)
+            print(f"bad: {p}", file=sys.stderr)
         if problems:
-            if n:
-                print(f"error: {len(problems)} of {n} files failed verification",
-                      file=sys.stderr)
-            return 1
-        print(f"ok: {n} files match {Path(FLAGS.workdir) / 'data' / 'manifest.json'}")
-        return 0
-
-    app.run(lambda a: sys.exit(run(a)), argv=argv, flags_parser=config_lib.parse_flags)
+            raise DataError(f"{len(problems)} of {n} files failed verification against "
+                            f"{Path(args.workdir) / 'data' / 'manifest.json'}")
+        print(f"ok: {n} files match {Path(args.workdir) / 'data' / 'manifest.json'}")
+    cli.run(body, doc=__doc__.split("\n\n")[0], argv=argv,
+            flags=[cli.Flag("workdir", "run folder holding data/manifest.json", required=True)])
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ import copy
 import io
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from crystal.data import cache
+from crystal import cli, fileio
+from crystal import config as config_lib
+from crystal.errors import UsageError
 
 LAYER_TYPES = ("embedding", "attn_logits", "attn_out", "mlp_out", "residual", "output_logits")
 PARAMETRIZATIONS = ("mup", "sp")
@@ -250,7 +251,7 @@ def plot(data: dict, path, title: str = ""):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with cache.atomic_open(path) as f:
+    with fileio.atomic_open(path) as f:
         fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
 
@@ -258,61 +259,64 @@ def plot(data: dict, path, title: str = ""):
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m crystal.mup.coord_check",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/crystalcoder_tiny.py",
-                   help="base config: muP base width and base hyperparameters")
-    p.add_argument("--widths", default="64,128,256,512,1024")
-    p.add_argument("--steps", type=int, default=4, help="Adam steps (records t=0..steps)")
-    p.add_argument("--lr", type=float, default=0.0,
-                   help="constant base LR (0: the config's stage 1 peak LR)")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--seq_len", type=int, default=32)
-    p.add_argument("--num_layers", type=int, default=2)
-    p.add_argument("--head_dim", type=int, default=0, help="0: the config's head_dim")
-    p.add_argument("--vocab_size", type=int, default=512,
-                   help="model vocab for stdlib text (a prepared workdir uses the config's)")
-    p.add_argument("--workdir", default="",
-                   help="take the batch from this prepared workdir (sample corpus); "
-                        "'' trains a sentencepiece model on Python's stdlib text")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--full_compile", action="store_true",
-                   help="full XLA optimisation (default: the faster-compiling options)")
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
+FLAGS = (
+    cli.Flag("widths", "widths to train (two or more)", list, ["64", "128", "256", "512",
+                                                             "1024"]),
+    cli.Flag("steps", "Adam steps (records t=0..steps)", int, 4),
+    cli.Flag("lr", "constant base LR (0: the config's stage 1 peak LR)", float, 0.0),
+    cli.Flag("batch_size", "rows of the fixed batch", int, 4),
+    cli.Flag("seq_len", "tokens per row", int, 32),
+    cli.Flag("num_layers", "layers at every width", int, 2),
+    cli.Flag("head_dim", "fixed head dim (0: the config's)", int, 0),
+    cli.Flag("vocab_size", "model vocab for stdlib text (a prepared workdir uses the "
+             "config's)", int, 512),
+    cli.Flag("workdir", "take the batch from this prepared workdir ('': train a "
+             "sentencepiece model on Python's stdlib text)", str, ""),
+    cli.Flag("seed", "init seed", int, 0),
+    cli.Flag("full_compile", "full XLA optimisation (default: faster-compiling options)",
+             bool, False),
+    cli.Flag("out", "output folder", required=True),
+)
 
-    from crystal import config as config_lib
+
+def _check_flags(a) -> list[int]:
     try:
-        cfg = config_lib.load(a.config)
-        widths = [int(w) for w in a.widths.split(",") if w.strip()]
-        if len(widths) < 2 or min(widths) <= 0:
-            raise ValueError(f"--widths={a.widths}: need two or more positive widths")
-        if a.steps < 1:
-            raise ValueError(f"--steps={a.steps}: must be >= 1")
-        lr = a.lr or float(config_lib.stage(cfg, 1).schedule.peak_lr)
-        if a.workdir:
-            batch = prepared_batch(cfg, a.workdir, a.batch_size, a.seq_len)
-            vocab = None
-        else:
-            batch = stdlib_batch(a.batch_size, a.seq_len, a.vocab_size)
-            vocab = a.vocab_size + len(cfg.tokenizer.special_tokens)
-        data = run(cfg, widths, a.steps, lr, batch, head_dim=a.head_dim or None,
-                   num_layers=a.num_layers, vocab_size=vocab, seed=a.seed,
-                   fast_compile=not a.full_compile, log=lambda s: print(s, flush=True))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        widths = [int(w) for w in a.widths]
+    except ValueError:
+        raise UsageError(f"--widths={','.join(a.widths)}: expected integers") from None
+    if len(widths) < 2 or min(widths) <= 0:
+        raise UsageError(f"--widths={','.join(a.widths)}: need two or more positive widths")
+    if a.steps < 1:
+        raise UsageError(f"--steps={a.steps}: must be >= 1")
+    return widths
+
+
+def main(argv=None):
+    cli.run(_main, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
+            argv=argv)
+
+
+def _main(a):
+    cfg = a.cfg
+    widths = _check_flags(a)
+    lr = a.lr or float(config_lib.stage(cfg, 1).schedule.peak_lr)
+    if a.workdir:
+        batch, vocab = prepared_batch(cfg, a.workdir, a.batch_size, a.seq_len), None
+    else:
+        batch = stdlib_batch(a.batch_size, a.seq_len, a.vocab_size)
+        vocab = a.vocab_size + len(cfg.tokenizer.special_tokens)
+    data = run(cfg, widths, a.steps, lr, batch, head_dim=a.head_dim or None,
+               num_layers=a.num_layers, vocab_size=vocab, seed=a.seed,
+               fast_compile=not a.full_compile, log=lambda s: print(s, flush=True))
     out = Path(a.out)
-    cache.write_json(out / "coord_check.json", data)
-    meta = dict(config=a.config, widths=widths, steps=a.steps, lr=lr,
-                batch_size=a.batch_size, seq_len=a.seq_len, num_layers=a.num_layers,
+    fileio.write_json(out / "coord_check.json", data)
+    meta = dict(config=a.config_file or cli.default_config(), widths=widths, steps=a.steps,
+                lr=lr, batch_size=a.batch_size, seq_len=a.seq_len, num_layers=a.num_layers,
                 head_dim=a.head_dim or config_lib.head_dim(cfg), seed=a.seed,
                 base_width=int(cfg.mup.base_width), data=a.workdir or "stdlib-sentencepiece",
                 spread_last_step={p: {k: spread(data, p, k) for k in LAYER_TYPES}
                                   for p in PARAMETRIZATIONS})
-    cache.write_json(out / "coord_check_meta.json", meta)
+    fileio.write_json(out / "coord_check_meta.json", meta)
     plot(data, out / "coord_check.png",
          title=f"coordinate check: {a.steps} Adam steps at lr {lr:g}, base width "
                f"{cfg.mup.base_width}")
@@ -320,8 +324,7 @@ def main(argv=None):
         print(f"{p}: max/min over widths at t={a.steps}: " + " ".join(
             f"{k}={meta['spread_last_step'][p][k]:.2f}" for k in LAYER_TYPES))
     print(f"wrote {out / 'coord_check.json'} and {out / 'coord_check.png'}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -11,7 +11,9 @@ parameters fall in which class. Tuning happens at the base width; this shows wha
 from __future__ import annotations
 
 import json
-import sys
+
+from crystal import cli
+from crystal.errors import UsageError
 
 
 def _g(x: float) -> str:
@@ -104,26 +106,21 @@ def report(d: dict) -> str:
     return "\n".join(lines)
 
 
+FLAGS = (
+    cli.Flag("width", "derive at this width (0: the config's d_model)", int, 0),
+    cli.Flag("json", "print JSON instead of a table", bool, False),
+)
+
+
 def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m crystal.mup.transfer",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="a configs/*.py file")
-    p.add_argument("--width", type=int, default=0, help="derive at this width (0: d_model)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    a = p.parse_args(argv)
-    from crystal import config as config_lib
-    try:
-        cfg = config_lib.load(a.config)
-        if a.width < 0:
-            raise config_lib.ConfigError(f"--width={a.width}: must be positive")
-        d = derive(cfg, a.width or None)
-    except (config_lib.ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(d, indent=1) if a.json else report(d))
-    return 0
+    def body(args):
+        if args.width < 0:
+            raise UsageError(f"--width={args.width}: must be >= 0")
+        d = derive(args.cfg, args.width or None)
+        print(json.dumps(d, indent=1) if args.json else report(d))
+    cli.run(body, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
+            argv=argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
