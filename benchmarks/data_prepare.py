@@ -94,7 +94,8 @@ def main(_):
     print(f"tokenization, one process ({FLAGS.config}, sample corpus {FLAGS.max_mb:g} MB cap)")
     print(f"  {'group':28s} {'MB':>7s} {'MB/s':>7s} {'bytes/token':>12s}")
     for r in pp:
-        print(f"  {r['group']:28s} {r['mb']:7.3f} {r['mb_per_s']:7.2f} {r['bytes_per_token']:12.2f}")
+        print(f"  {r['group']:28s} {r['mb']:7.3f} {r['mb_per_s']:7.2f} "
+              f"{r['bytes_per_token']:12.2f}")
     tot_mb = sum(r["mb"] for r in pp)
     tot_s = sum(r["seconds"] for r in pp)
     print(f"  {'all':28s} {tot_mb:7.3f} {tot_mb / tot_s:7.2f}")

@@ -190,7 +190,8 @@ def loss_table(res: dict) -> str:
     lrs = res["log2_lrs"]
     for p in ("mup", "sp"):
         lines += [f"## {p.upper()}: final training loss (mean of last 10% of steps)", "",
-                  "| width | " + " | ".join(f"2^{l}" for l in lrs) + " | best LR | val loss at best |",
+                  "| width | " + " | ".join(f"2^{l}" for l in lrs)
+                  + " | best LR | val loss at best |",
                   "|---" * (len(lrs) + 3) + "|"]
         for w, r in res["runs"][p].items():
             cells = [f"{x:.3f}" if x is not None else "div" for x in r["train_loss"]]
@@ -323,7 +324,8 @@ def main(argv=None):
             losses, val_R, step_s = train_width(c, lrs, train, val, a.batch_size, a.seed,
                                         check=(w == widths[0]))
             fl = final_train_loss(losses)
-            clean = lambda xs: [float(x) if np.isfinite(x) else None for x in xs]
+            def clean(xs):
+                return [float(x) if np.isfinite(x) else None for x in xs]
             best = optimum(log2_lrs, fl)
             runs[pz][str(w)] = dict(train_loss=clean(fl), val_loss=clean(val_R),
                                     best_log2_lr=best, seconds=round(time.time() - t, 1),

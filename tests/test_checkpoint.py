@@ -142,8 +142,8 @@ def test_restore_into_shardings(tmp_path):
     state = make_state(2)
     spec = {"embed": P("fsdp", "tensor"), "layer": {"w_DxF": P("fsdp", "tensor"),
                                                      "b_F": P("tensor")}}
-    shard = lambda tree: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
-                                      tree, spec)
+    def shard(tree):
+        return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, spec)
     state["params"] = shard(state["params"])
     ck = Checkpointer(tmp_path)
     ck.save(1, state, {}, {})

@@ -73,7 +73,7 @@ def _info(*args):
 
 def _error_lines(stderr):
     # absl/jax INFO log lines (I1201 ...) are not errors; only our line is
-    return [ln for ln in stderr.splitlines() if ln.strip() and not ln[:1] in "IW"]
+    return [ln for ln in stderr.splitlines() if ln.strip() and ln[:1] not in "IW"]
 
 
 @pytest.mark.parametrize("args,field", [

@@ -233,7 +233,8 @@ def test_nan_chunk_is_quarantined_after_rollback(env):
     max_bad_steps in the window the run rolls back to the last good checkpoint, quarantines
     that chunk from there (quarantine.json) and trains on with finite losses."""
     chunk = "slimpajama.even.RedPajamaCommonCrawl:1"
-    cfg = make_cfg(**{"stages.stage_1.steps": 10, "train.fault_nan_chunks": chunk, "train.max_bad_steps": 2,
+    cfg = make_cfg(**{"stages.stage_1.steps": 10, "train.fault_nan_chunks": chunk,
+                      "train.max_bad_steps": 2,
                       "train.bad_step_window": 6, "checkpoint.every_steps": 2})
     wd = workdir(env, "nan")
     out = train.run(cfg, wd, stop_after_steps=12)

@@ -56,7 +56,8 @@ def _clu_writers() -> types.ModuleType:
     pkg.logging_writer, pkg.multi_writer = logging_writer, multi_writer
     pkg.MetricWriter, pkg.MultiWriter = interface.MetricWriter, multi_writer.MultiWriter
     pkg.AsyncWriter, pkg.AsyncMultiWriter = async_writer.AsyncWriter, async_writer.AsyncMultiWriter
-    pkg.ensure_flushes, pkg.LoggingWriter = async_writer.ensure_flushes, logging_writer.LoggingWriter
+    pkg.ensure_flushes = async_writer.ensure_flushes
+    pkg.LoggingWriter = logging_writer.LoggingWriter
 
     def missing(attr):
         raise AttributeError(f"clu.metric_writers.{attr} needs TensorFlow, which is not "
@@ -364,8 +365,8 @@ def flops_per_token(cfg) -> float:
 
 # Dense bf16 peak FLOP/s per device (no 2:4 sparsity), from vendor data sheets:
 # NVIDIA A100 data sheet (312 TFLOPS BF16 Tensor Core), H100 SXM data sheet (989 TFLOPS
-# dense BF16; 1979 with sparsity; PCIe card 756), H200 SXM (same compute as H100: 989); Google Cloud TPU
-# system-architecture pages: v4 275, v5e 197, v5p 459, v6e (Trillium) 918 TFLOPS bf16.
+# dense BF16; 1979 with sparsity; PCIe card 756), H200 SXM (same compute as H100: 989); Google
+# Cloud TPU system-architecture pages: v4 275, v5e 197, v5p 459, v6e (Trillium) 918 TFLOPS bf16.
 # Keys are matched as lower-case substrings of jax's device_kind, most specific first.
 PEAK_FLOPS = (
     ("a100", 312e12),

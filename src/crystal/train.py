@@ -156,7 +156,8 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, num_sources: i
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         metrics = dict(
             loss=loss,
             source_loss=aux["source_loss"] / jnp.maximum(aux["source_tokens"], 1.0),

@@ -156,8 +156,9 @@ def main(argv=None):
         man = run(a.cfg, a.workdir, a.input, a.on_bad_record, a.extra,
                   overwrite=a.overwrite)
         prep.summarize(man, a.workdir)
-    cli.run(body, doc=__doc__.split("\n\n")[0], flags=[f for f in prep.FLAGS if f.name != "workers"],
-            config=cli.CONFIG_REQUIRED, argv=argv, extra_args=True)
+    flags = [f for f in prep.FLAGS if f.name != "workers"]
+    cli.run(body, doc=__doc__.split("\n\n")[0], flags=flags, config=cli.CONFIG_REQUIRED,
+            argv=argv, extra_args=True)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ class Tokenizer:
                 run.append(i)
                 continue
             if not self.base_vocab_size <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+                raise ValueError(f"token id {i} is outside the vocabulary "
+                                 f"(0..{self.vocab_size - 1})")
             if run:
                 out.append(self._sp.decode(run))
                 run = []
