@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tb_reader import read_tensorboard_scalars
+
 from crystal import metrics as M
+from crystal.metrics import plots
 from crystal.config import load
 
 
@@ -58,7 +61,7 @@ def test_tensorboard_event_file_readable(tmp_path):
         w.write_scalars(step, {"loss": 3.0 - step, "grad_norm": jnp.float32(0.5)})
     w.write_texts(0, {"note": "hello"})
     w.close()
-    got = M.read_tensorboard_scalars(tmp_path / "tb")
+    got = read_tensorboard_scalars(tmp_path / "tb")
     assert got["loss"] == [(0, 3.0), (1, 2.0), (2, 1.0)]
     assert [v for _, v in got["grad_norm"]] == [0.5, 0.5, 0.5]
     # A flipped byte is caught by the record CRC.
@@ -67,7 +70,7 @@ def test_tensorboard_event_file_readable(tmp_path):
     b[-6] ^= 0xFF
     f.write_bytes(bytes(b))
     with pytest.raises(M.MetricsError, match="corrupt event record"):
-        M.read_tensorboard_scalars(tmp_path / "tb")
+        read_tensorboard_scalars(tmp_path / "tb")
 
 
 def test_create_writer_fan_out(tmp_path):
@@ -78,7 +81,7 @@ def test_create_writer_fan_out(tmp_path):
     w.flush()
     w.close()
     assert [r["loss"] for r in M.read_jsonl(tmp_path / "metrics.jsonl")] == [5.0, 4.0]
-    assert M.read_tensorboard_scalars(tmp_path / "tensorboard")["loss"] == [(1, 5.0), (2, 4.0)]
+    assert read_tensorboard_scalars(tmp_path / "tensorboard")["loss"] == [(1, 5.0), (2, 4.0)]
     # Resume at step 2 through the fan-out: JSONL drops step 2.
     w = M.create_writer(cfg, tmp_path, process_index=0, resume_step=2)
     w.close()
@@ -146,14 +149,14 @@ def test_plot_loss_png(tmp_path):
                                "loss/starcoder.python": 7.0 / math.sqrt(step)})
     w.write_scalars(40, {"eval/loss": 1.5})
     w.close()
-    png = M.plot_loss(path, tmp_path / "plots" / "loss.png")
+    png = plots.plot_loss(path, tmp_path / "plots" / "loss.png")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert sorted(p.name for p in png.parent.iterdir()) == ["loss.png"]   # no temp left
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"step": 1, "lr": 0.1}\n')
     with pytest.raises(M.MetricsError, match="no 'loss' records"):
-        M.plot_loss(empty, tmp_path / "e.png")
+        plots.plot_loss(empty, tmp_path / "e.png")
 
 
 def test_device_memory():

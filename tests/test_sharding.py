@@ -210,22 +210,18 @@ def test_distributed_settings_order():
     assert ds({"distributed": "off"}, {"JAX_COORDINATOR_ADDRESS": "h:9"}).mode == "single"
 
 
-def test_distributed_settings_slurm():
+def test_distributed_settings_slurm_and_tpu_vm_go_to_jax_auto_detection():
     env = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
-           "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8",
-           "SLURM_STEP_NODELIST": "gpu[017-018,020],login1"}
-    s = sharding.distributed_settings({"coordinator_port": 5555}, env)
-    assert (s.source, s.coordinator_address, s.num_processes, s.process_id,
-            s.local_device_ids) == ("slurm", "gpu017:5555", 16, 9, (1,))
-    # One task per node: every local GPU belongs to it.
-    env.update(SLURM_NTASKS_PER_NODE="1", SLURM_NTASKS="2", SLURM_PROCID="1",
-               SLURM_STEP_NODELIST="node7")
+           "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[017-018,020],login1"}
     s = sharding.distributed_settings({}, env)
-    assert (s.coordinator_address, s.local_device_ids) == ("node7:12345", None)
+    assert (s.mode, s.source, s.coordinator_address, s.local_device_ids) == \
+        ("auto", "slurm", None, None)
+    # One task per node: the user names the local devices.
+    s = sharding.distributed_settings({"local_device_ids": "0,1,2,3"}, env)
+    assert s.local_device_ids == (0, 1, 2, 3)
     # A single-task allocation is one process.
     assert sharding.distributed_settings({}, {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}) \
         .mode == "single"
-    assert sharding.slurm_first_host("a-b[09-12]-ib,c") == "a-b09-ib"
 
 
 def test_distributed_settings_tpu_vm_and_errors():

@@ -201,16 +201,17 @@ def load_config(args, default: str | None = None):
 def run(main: Callable[[SimpleNamespace], int | None], *, doc: str,
         flags: Sequence[Flag] = (), config: str = CONFIG_NONE, argv=None,
         extra_args: bool = False, prog: str | None = None) -> int:
-    """Parses argv, loads the config (config='required'), calls main(args), exits.
+    """Parses argv, loads the config (config='required'), calls main(args); returns the exit
+    status for `raise SystemExit(...)` (tests call a tool's main() and read it).
 
     main's return value is the exit status (None: 0). A CrystalError anywhere (parsing,
-    the config, main) is one line `error: ...` and exit 2."""
+    the config, main) is one line `error: ...` and status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or _prog(main)
     head = argv[:argv.index("--")] if "--" in argv else argv
     if any(a in _HELP for a in head):
         print(help_text(prog, doc, flags, config))
-        sys.exit(0)
+        return 0
     _quiet_logs()
     try:
         args = parse(argv, flags, config, extra_args)
@@ -221,8 +222,8 @@ def run(main: Callable[[SimpleNamespace], int | None], *, doc: str,
         code = main(args)
     except CrystalError as e:
         print(error_line(e), file=sys.stderr, flush=True)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
-    sys.exit(int(code or 0))
+        return 130
+    return int(code or 0)

@@ -82,8 +82,8 @@ def _size(shape) -> int:
 def main(argv=None):
     def body(args):
         print(report(args.cfg))
-    cli.run(body, doc=__doc__.split("\n\n")[0], config=cli.CONFIG_REQUIRED, argv=argv)
+    return cli.run(body, doc=__doc__.split("\n\n")[0], config=cli.CONFIG_REQUIRED, argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

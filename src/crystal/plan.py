@@ -284,9 +284,9 @@ def _main(a):
 
 
 def main(argv=None):
-    cli.run(_main, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
+    return cli.run(_main, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
             argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

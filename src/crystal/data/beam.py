@@ -157,9 +157,9 @@ def main(argv=None):
                   overwrite=a.overwrite)
         prep.summarize(man, a.workdir)
     flags = [f for f in prep.FLAGS if f.name != "workers"]
-    cli.run(body, doc=__doc__.split("\n\n")[0], flags=flags, config=cli.CONFIG_REQUIRED,
+    return cli.run(body, doc=__doc__.split("\n\n")[0], flags=flags, config=cli.CONFIG_REQUIRED,
             argv=argv, extra_args=True)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -563,7 +563,7 @@ def main(argv=None):
         man = prepare(a.cfg, a.workdir, a.input, a.workers, a.on_bad_record,
                       overwrite=a.overwrite)
         summarize(man, a.workdir)
-    cli.run(body, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
+    return cli.run(body, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
             argv=argv)
 
 
@@ -578,4 +578,4 @@ def summarize(man, workdir):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

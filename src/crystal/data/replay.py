@@ -98,9 +98,9 @@ def main(argv=None):
         if a.out:
             save_npz(a.out, batch, names)
             print(f"wrote {a.out}")
-    cli.run(body, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_OPTIONAL,
+    return cli.run(body, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_OPTIONAL,
             argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

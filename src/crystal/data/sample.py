@@ -326,10 +326,10 @@ def main(argv=None):
             print(f"{g:40s} {s['documents']:6d} docs {s['bytes'] / 1e6:7.3f} MB")
         print(f"total {info['total_bytes'] / 1e6:.2f} MB -> {a.out}")
     from crystal import cli
-    cli.run(body, doc=__doc__.split("\n\n")[0], argv=argv, flags=[
+    return cli.run(body, doc=__doc__.split("\n\n")[0], argv=argv, flags=[
         cli.Flag("out", "folder to write the corpus to (must not exist)", required=True),
         cli.Flag("max_mb", "approximate size cap in MB", float, 8.0)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

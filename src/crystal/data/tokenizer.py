@@ -250,10 +250,11 @@ def main(argv=None):
         tok = train(a.cfg, input_dir, a.out)
         print(f"wrote {a.out}: {tok.base_vocab_size} pieces + "
               f"{len(tok.special_tokens)} specials, sha256 {tok.sha256}")
-    cli.run(body, doc=__doc__.split("\n\n")[0], config=cli.CONFIG_REQUIRED, argv=argv, flags=[
-        cli.Flag("out", "where to write the trained tokenizer.model", required=True),
-        cli.Flag("input", "corpus folder (default: data.input, else the sample corpus)")])
+    flags = [cli.Flag("out", "where to write the trained tokenizer.model", required=True),
+             cli.Flag("input", "corpus folder (default: data.input, else the sample corpus)")]
+    return cli.run(body, doc=__doc__.split("\n\n")[0], config=cli.CONFIG_REQUIRED, argv=argv,
+                   flags=flags)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -77,9 +77,9 @@ def main(argv=None):
             raise DataError(f"{len(problems)} of {n} files failed verification against "
                             f"{Path(args.workdir) / 'data' / 'manifest.json'}")
         print(f"ok: {n} files match {Path(args.workdir) / 'data' / 'manifest.json'}")
-    cli.run(body, doc=__doc__.split("\n\n")[0], argv=argv,
+    return cli.run(body, doc=__doc__.split("\n\n")[0], argv=argv,
             flags=[cli.Flag("workdir", "run folder holding data/manifest.json", required=True)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -21,11 +21,19 @@ import json
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import sentencepiece as spm
 
 from crystal import cli, fileio
 from crystal import config as config_lib
+from crystal import model as model_lib
+from crystal import optim
+from crystal.data import prepare
 from crystal.errors import UsageError
+from crystal.train import step as step_lib
 
 LAYER_TYPES = ("embedding", "attn_logits", "attn_out", "mlp_out", "residual", "output_logits")
 PARAMETRIZATIONS = ("mup", "sp")
@@ -43,7 +51,6 @@ def at_width(cfg, width: int, mup: bool, head_dim: int | None = None,
     init std at every width. Only shape fields change, so the width rules come from
     crystal.mup.rules exactly as in a real run.
     """
-    from crystal import config as config_lib
     c = copy.deepcopy(cfg)
     m = c.model
     head_dim = int(head_dim or config_lib.head_dim(cfg))
@@ -70,7 +77,6 @@ def at_width(cfg, width: int, mup: bool, head_dim: int | None = None,
 
 def constant_lr(cfg, lr: float, steps: int, stage: int = 1):
     """`cfg` whose stage `stage` runs `steps` steps at a constant `lr` (no warmup)."""
-    from crystal import config as config_lib
     c = copy.deepcopy(cfg)
     s = config_lib.stage(c, stage)
     s.steps = int(steps)
@@ -88,7 +94,6 @@ def stdlib_text_tokens(vocab_size: int, num_tokens: int, num_files: int = 40):
     Needs no prepared workdir, so the CI check stands alone; deterministic (sorted files,
     one trainer thread).
     """
-    import sentencepiece as spm
     lib = Path(os.__file__).parent
     lines = []
     for f in sorted(lib.glob("*.py"))[:num_files]:
@@ -117,7 +122,6 @@ def stdlib_batch(batch_size: int, seq_len: int, vocab_size: int):
 
 def prepared_batch(cfg, workdir: str, batch_size: int, seq_len: int):
     """The first rows of the first train chunk of a prepared workdir (prepared if needed)."""
-    from crystal.data import prepare
     prepare.ensure_prepared(cfg, workdir)
     root = Path(workdir) / "data"
     manifest = json.loads((root / "manifest.json").read_text())
@@ -135,8 +139,6 @@ def prepared_batch(cfg, workdir: str, batch_size: int, seq_len: int):
 
 def summarize(intermediates) -> dict:
     """{layer_type: scalar}: sown mean |activation|s, averaged over layers."""
-    import jax
-    import jax.numpy as jnp
     out: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
         names = [k.key for k in path if hasattr(k, "key")]
@@ -144,14 +146,14 @@ def summarize(intermediates) -> dict:
     return {k: jnp.mean(jnp.stack(v)) for k, v in out.items()}
 
 
-def loss_fn(params, batch_BxL1, cfg, capture: bool = False):
-    import optax
-    from crystal import model as model_lib
-    inputs, targets = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
-    out = model_lib.apply(params, inputs, cfg, capture_intermediates=capture)
-    logits, inter = out if capture else (out, None)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-    return (loss, summarize(inter)) if capture else loss
+def loss_fn(params, batch_BxL1, spec):
+    """The training loss (crystal.train.step.token_losses) on rows of seq_len + 1 tokens,
+    averaged over every token, with the sown activation sizes."""
+    rows = jnp.asarray(batch_BxL1)
+    batch = dict(inputs=rows[:, :-1], targets=rows[:, 1:],
+                 loss_mask=jnp.ones(rows[:, 1:].shape, jnp.float32))
+    loss_BxL, mask_BxL, inter = step_lib.token_losses(params, batch, spec, capture=True)
+    return loss_BxL.sum() / mask_BxL.sum(), summarize(inter)
 
 
 # XLA CPU options that cut compile time ~2x; a coordinate check is compile-bound (one
@@ -165,12 +167,9 @@ def coord_data(cfg, batch_BxL1, steps: int, seed: int = 0, fast_compile: bool = 
     One jitted step returns the activations of the params it starts from, so steps + 1
     calls record t = 0..steps (the last call's update is discarded).
     """
-    import jax
-    import optax
-    from crystal import model as model_lib
-    from crystal import optim
 
     opt = optim.make_optimizer(cfg, 1)
+    spec = model_lib.ModelSpec.from_config(cfg)
     fast = FAST_COMPILE if fast_compile else None
     params = jax.jit(lambda k: model_lib.init(cfg, k), compiler_options=fast)(
         jax.random.key(seed))
@@ -179,11 +178,11 @@ def coord_data(cfg, batch_BxL1, steps: int, seed: int = 0, fast_compile: bool = 
     @jax.jit(compiler_options=fast)
     def step(params, state, batch):
         (loss, acts), g = jax.value_and_grad(
-            lambda p: loss_fn(p, batch, cfg, capture=True), has_aux=True)(params)
+            lambda p: loss_fn(p, batch, spec), has_aux=True)(params)
         updates, state = opt.update(g, state, params)
         return optax.apply_updates(params, updates), state, loss, acts
 
-    batch = jax.numpy.asarray(batch_BxL1)
+    batch = jnp.asarray(batch_BxL1)
     rec: dict = {}
     for _ in range(steps + 1):
         params, state, loss, acts = step(params, state, batch)
@@ -292,7 +291,7 @@ def _check_flags(a) -> list[int]:
 
 
 def main(argv=None):
-    cli.run(_main, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
+    return cli.run(_main, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
             argv=argv)
 
 
@@ -327,4 +326,4 @@ def _main(a):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

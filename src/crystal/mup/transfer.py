@@ -118,9 +118,9 @@ def main(argv=None):
             raise UsageError(f"--width={args.width}: must be >= 0")
         d = derive(args.cfg, args.width or None)
         print(json.dumps(d, indent=1) if args.json else report(d))
-    cli.run(body, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
+    return cli.run(body, doc=__doc__.split("\n\n")[0], flags=FLAGS, config=cli.CONFIG_REQUIRED,
             argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

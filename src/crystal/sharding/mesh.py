@@ -1,7 +1,8 @@
-"""Device meshes, logical-axis rules, sharded state and steps, and multi-host start-up.
+"""Device meshes, logical-axis rules, sharded state, steps and batches.
 
-crystal runs on JAX's own multi-controller runtime (`jax.distributed`) and XLA's SPMD
-partitioner: one program, jitted with explicit shardings; nothing here launches processes.
+crystal runs on JAX's own multi-controller runtime (`jax.distributed`, started by
+crystal.sharding.distributed) and XLA's SPMD partitioner: one program, jitted with explicit
+shardings; nothing here launches processes.
 
 Mesh: axes ("data", "fsdp", "tensor") from `cfg.mesh`, sized by the config or by a preset:
 
@@ -28,11 +29,8 @@ silently replicated: the micro-batch must divide over the batch axes, or it is a
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-import re
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -206,11 +204,6 @@ def _used(spec, mine) -> set:
     return used
 
 
-def param_shardings(cfg, mesh: Mesh):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh),
-                        is_leaf=lambda x: isinstance(x, P))
-
-
 def _key_names(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
 
@@ -285,11 +278,6 @@ class mesh_context:
     def __exit__(self, *exc):
         for c in reversed(self._ctx):
             c.__exit__(*exc)
-
-
-def shard_shapes(tree, shardings) -> Any:
-    """Per-device shard shapes of a pytree of arrays/ShapeDtypeStructs under shardings."""
-    return jax.tree.map(lambda x, s: tuple(s.shard_shape(tuple(x.shape))), tree, shardings)
 
 
 # ----------------------------------------------------------------------------- state & step
@@ -368,152 +356,3 @@ def global_batch(local_batch: Mapping, sharding: NamedSharding, global_rows: int
         out[k] = jax.make_array_from_process_local_data(sharding, v,
                                                         (global_rows,) + v.shape[1:])
     return out
-
-
-# ----------------------------------------------------------------------------- multi-host
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedSettings:
-    """How (and whether) to call jax.distributed.initialize; `source` says who decided.
-
-    mode: 'single' (one process, no initialize), 'explicit' (address/count/id known),
-    'auto' (initialize() with no args: JAX's own TPU-VM cluster detection).
-    """
-    mode: str
-    source: str
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    local_device_ids: tuple[int, ...] | None = None
-
-
-def _int(value, what: str) -> int:
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise ShardingError(f"{what}: expected an integer, got {value!r}") from None
-
-
-def slurm_first_host(nodelist: str) -> str:
-    """The first host of a Slurm hostlist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
-    m = re.match(r"\s*([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", nodelist)
-    if not m or not m.group(1):
-        raise ShardingError(f"SLURM nodelist: cannot parse {nodelist!r}")
-    prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
-    if ranges is None:
-        return prefix + suffix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first + suffix
-
-
-def distributed_settings(flags: Mapping[str, Any] | None = None,
-                         environ: Mapping[str, str] | None = None) -> DistributedSettings:
-    """Decides the multi-host settings, first match wins:
-
-    1. flags: coordinator_address, num_processes, process_id (all three, or none);
-       flags['distributed'] == 'off' forces one process, 'auto' (default) detects.
-    2. JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
-    3. Slurm (SLURM_JOB_ID, SLURM_NTASKS > 1): id SLURM_PROCID, count SLURM_NTASKS,
-       coordinator the first host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) at
-       flags['coordinator_port']; several tasks per node -> one GPU each (SLURM_LOCALID).
-    4. TPU VM (TPU_WORKER_HOSTNAMES / TPU_ACCELERATOR_TYPE / TPU_NAME): 'auto'.
-    5. otherwise one process.
-    """
-    flags = dict(flags or {})
-    env = os.environ if environ is None else environ
-    mode = flags.get("distributed") or "auto"
-    if mode not in ("auto", "off"):
-        raise ShardingError(f"--distributed: expected 'auto' or 'off', got {mode!r}")
-    if mode == "off":
-        return DistributedSettings("single", "flags")
-    local_ids = flags.get("local_device_ids")
-    local_ids = tuple(_int(x, "--local_device_ids") for x in str(local_ids).split(",")) \
-        if local_ids not in (None, "") else None
-
-    keys = ("coordinator_address", "num_processes", "process_id")
-    given = [flags.get(k) not in (None, "") for k in keys]
-    if any(given):
-        if not all(given):
-            missing = [f"--{k}" for k, g in zip(keys, given) if not g]
-            raise ShardingError(f"distributed flags: also set {', '.join(missing)}")
-        return _explicit("flags", flags["coordinator_address"],
-                         _int(flags["num_processes"], "--num_processes"),
-                         _int(flags["process_id"], "--process_id"), local_ids)
-
-    env_keys = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-    given = [bool(env.get(k)) for k in env_keys]
-    if any(given):
-        if not all(given):
-            missing = [k for k, g in zip(env_keys, given) if not g]
-            raise ShardingError(f"environment: also set {', '.join(missing)}")
-        return _explicit("env", env["JAX_COORDINATOR_ADDRESS"],
-                         _int(env["JAX_NUM_PROCESSES"], "JAX_NUM_PROCESSES"),
-                         _int(env["JAX_PROCESS_ID"], "JAX_PROCESS_ID"), local_ids)
-
-    if env.get("SLURM_JOB_ID") and _int(env.get("SLURM_NTASKS", "1"), "SLURM_NTASKS") > 1:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-        if not nodelist:
-            raise ShardingError("Slurm: SLURM_NTASKS > 1 but no SLURM_STEP_NODELIST / "
-                                "SLURM_JOB_NODELIST; launch with srun")
-        port = _int(flags.get("coordinator_port") or 12345, "--coordinator_port")
-        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
-        if local_ids is None and _int(tasks_per_node, "SLURM_NTASKS_PER_NODE") > 1:
-            local_ids = (_int(env.get("SLURM_LOCALID", "0"), "SLURM_LOCALID"),)
-        return _explicit("slurm", f"{slurm_first_host(nodelist)}:{port}",
-                         _int(env["SLURM_NTASKS"], "SLURM_NTASKS"),
-                         _int(env.get("SLURM_PROCID", "0"), "SLURM_PROCID"), local_ids)
-
-    if any(env.get(k) for k in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_NAME")):
-        return DistributedSettings("auto", "tpu_vm")
-    return DistributedSettings("single", "default")
-
-
-def _explicit(source, address, n, pid, local_ids) -> DistributedSettings:
-    if ":" not in str(address):
-        raise ShardingError(f"{source}: coordinator address {address!r} needs HOST:PORT")
-    if n <= 0 or not (0 <= pid < n):
-        raise ShardingError(f"{source}: process id {pid} is not in [0, {n})")
-    if n == 1:
-        return DistributedSettings("single", source)
-    return DistributedSettings("explicit", source, str(address), n, pid, local_ids)
-
-
-def initialize(settings: DistributedSettings) -> DistributedSettings:
-    """Starts JAX's multi-controller runtime as `settings` say (CPU collectives: gloo).
-
-    Call before anything touches devices."""
-    if settings.mode == "single":
-        return settings
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if settings.mode == "auto":
-        jax.distributed.initialize()
-    else:
-        jax.distributed.initialize(
-            coordinator_address=settings.coordinator_address,
-            num_processes=settings.num_processes, process_id=settings.process_id,
-            local_device_ids=list(settings.local_device_ids)
-            if settings.local_device_ids is not None else None)
-    return settings
-
-
-def cli_flags():
-    """`crystal.train`'s multi-host flags (else auto-detected, see distributed_settings)."""
-    from crystal import cli
-    return (
-        cli.Flag("distributed", "auto: flags, then JAX_* env, Slurm, TPU VM; off: one "
-                 "process", str, "auto", choices=("auto", "off")),
-        cli.Flag("coordinator_address", "HOST:PORT of process 0"),
-        cli.Flag("num_processes", "number of processes (hosts)", int),
-        cli.Flag("process_id", "this process's id in [0, num_processes)", int),
-        cli.Flag("local_device_ids", "comma-separated local devices to use"),
-        cli.Flag("coordinator_port", "coordinator port under Slurm", int, 12345),
-    )
-
-
-FLAG_NAMES = ("distributed", "coordinator_address", "num_processes", "process_id",
-              "local_device_ids", "coordinator_port")
-
-
-def settings_from_args(args) -> DistributedSettings:
-    return distributed_settings({k: getattr(args, k) for k in FLAG_NAMES})
