@@ -298,6 +298,86 @@ def test_sigterm_checkpoints_and_exits_zero_then_rerun_continues(env):
     assert step2 == step + 2 and sorted(losses(wd)) == list(range(1, step2 + 1))
 
 
+# Stages long enough that a poll of metrics.jsonl catches a run mid-stage.
+KILL = {"stages.stage_1.steps": 20, "stages.stage_2.steps": 20, "stages.stage_3.steps": 12,
+        "checkpoint.every_steps": 5}
+
+
+def _kill_when(p, wd, step: int):
+    """SIGKILL `p` once metrics.jsonl shows `step` (the process must still be running)."""
+    metrics = wd / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= step
+                                    for x in metrics.read_text().splitlines()[-3:] if x):
+            break
+        time.sleep(0.005)
+    assert p.poll() is None, "finished before the kill: " + p.communicate()[0][-2000:]
+    p.kill()
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+
+
+def _finish(args):
+    p = _cli(args)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    return out
+
+
+def test_kill_9_anywhere_then_the_same_command_continues_bit_exactly(env):
+    """One run of all stages is the reference. (a) kill -9 during stage 2 of a run without
+    --stage, then the same command; (b) --stage=1, --stage=2, --stage=3 as three commands,
+    stage 3 killed mid-way and re-run. Both end with the reference's losses, bit for bit,
+    and re-running a finished stage says so and does nothing."""
+    cfg = make_cfg(**KILL)
+    ref = workdir(env, "kill_ref")
+    train.run(cfg, ref)
+    over = [f"--config.{k}={v}" for k, v in KILL.items()]
+    a = workdir(env, "kill_a")
+    _kill_when(_cli([f"--workdir={a}"] + over), a, 27)
+    _finish([f"--workdir={a}"] + over)
+    b = workdir(env, "kill_b")
+    for n in (1, 2):
+        _finish([f"--workdir={b}", f"--stage={n}"] + over)
+        _, _, meta, _ = read_state(b)
+        assert (meta["stage"], meta["stage_done"]) == (n, True)   # one stage per command
+    _kill_when(_cli([f"--workdir={b}", "--stage=3"] + over), b, 44)
+    _finish([f"--workdir={b}", "--stage=3"] + over)
+    assert "stage 2 complete" in _finish([f"--workdir={b}", "--stage=2"] + over)
+    want = losses(ref)
+    assert sorted(want) == list(range(1, 53))
+    for wd in (a, b):
+        got = losses(wd)
+        assert got == want, {s: (got.get(s), want[s]) for s in want if got.get(s) != want[s]}
+        assert trees_equal(read_state(wd)[0]["params"], read_state(ref)[0]["params"])
+
+
+def test_cli_mistakes_are_one_line_exit_2_and_write_nothing(env, tmp_path):
+    """A missing config file, a misspelt override, a stage the config lacks, a missing
+    --init_from: each one line `error: ...`, exit 2, and no file written anywhere (the
+    workdir, runs/ under the working directory); --help lists --config and exits 0."""
+    wd = tmp_path / "wd"
+    cases = [(["--config=configs/nope.py"], "configs/nope.py"),
+             (["--config.model.num_layer=3"], "did you mean model.num_layers"),
+             (["--stage=7"], "--stage=7"),
+             ([f"--init_from={tmp_path / 'no_such_run'}"], "no_such_run")]
+    cmd = [sys.executable, "-m", "crystal.train"]
+    procs = [subprocess.Popen(cmd + args + [f"--workdir={wd}"], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args, _ in cases]
+    for p, (args, what) in zip(procs, cases):
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 2, (args, err)
+        assert out == "" and err.count("\n") == 1 and err.startswith("error: "), (args, err)
+        assert what in err, (args, err)
+    assert sorted(os.listdir(tmp_path)) == []
+    h = subprocess.run(cmd + ["--help"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert h.returncode == 0 and "--config=FILE" in h.stdout and "--config.SECTION" in h.stdout
+    assert "--stage=INT" in h.stdout and h.stderr == ""
+
+
 def test_bad_inputs_fail_in_one_line_and_touch_nothing(env):
     # Bad config value: one line naming the field, exit 2.
     p = _cli([f"--workdir={env / 'bad_cfg'}", "--config.train.grad_accum=3"])

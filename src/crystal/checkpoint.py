@@ -156,10 +156,6 @@ class Checkpointer:
     def release_steps(self) -> list[int]:
         return sorted(s for s in self._releases.steps if s in set(self._mngr.all_steps()))
 
-    def reload(self):
-        """Re-reads the directory (another process may have written to it)."""
-        self._mngr.reload()
-
     def delete(self, step: int):
         """Deletes one checkpoint, release or not (rolling back a poisoned timeline)."""
         if self.read_only:

@@ -203,108 +203,118 @@ def _fail(field: str, msg: str):
     raise ConfigError(f"config field {field}: {msg}")
 
 
+def _ints(section, prefix: str, names, minimum: int = 1):
+    """Every named field of `section` is an integer >= minimum."""
+    for f in names:
+        v = section[f]
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            _fail(f"{prefix}.{f}", f"must be {kind}, got {v!r}")
+
+
+def _one_of(value, allowed, field: str, what: str = "value"):
+    if value not in allowed:
+        _fail(field, f"unknown {what} {value!r}; expected one of {tuple(allowed)}")
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks the values a run depends on; raises ConfigError naming the field."""
+    for check in (_check_model, _check_mup_and_tokenizer, _check_data, _check_optim,
+                  _check_train, _check_stages, _check_mesh):
+        check(c)
+    return c
+
+
+def _check_model(c):
     m = c.model
-    for f in ("vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim", "max_seq_len"):
-        v = m[f]
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            _fail(f"model.{f}", f"must be a positive integer, got {v!r}")
+    _ints(m, "model", ("vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim",
+                       "max_seq_len"))
     if m.d_model % m.num_heads:
         _fail("model.num_heads", f"{m.num_heads} heads do not divide d_model={m.d_model}")
-    if m.norm not in NORM_TYPES:
-        _fail("model.norm", f"unknown norm type {m.norm!r}; expected one of {NORM_TYPES}")
+    _one_of(m.norm, NORM_TYPES, "model.norm", "norm type")
     if not m.norm_eps > 0:
         _fail("model.norm_eps", f"must be > 0, got {m.norm_eps!r}")
     if m.norm_bias and m.norm != "layernorm":
         _fail("model.norm_bias", "only LayerNorm has a bias")
     if not (0.0 < m.rotary_fraction <= 1.0):
         _fail("model.rotary_fraction", f"must be in (0, 1], got {m.rotary_fraction!r}")
-    head_dim = m.d_model // m.num_heads
-    rot = rotary_dims(c)
-    if abs(rot - m.rotary_fraction * head_dim) > 1e-6 or rot % 2:
-        _fail("model.rotary_fraction",
-              f"{m.rotary_fraction} x head_dim {head_dim} = {m.rotary_fraction * head_dim:g} "
-              "rotary dims; must be an even integer")
-    if m.rotary_pairing not in ROTARY_PAIRINGS:
-        _fail("model.rotary_pairing", f"unknown pairing {m.rotary_pairing!r}; "
-              f"expected one of {ROTARY_PAIRINGS}")
+    hd, rot = m.d_model // m.num_heads, rotary_dims(c)
+    if abs(rot - m.rotary_fraction * hd) > 1e-6 or rot % 2:
+        _fail("model.rotary_fraction", f"{m.rotary_fraction} x head_dim {hd} = "
+              f"{m.rotary_fraction * hd:g} rotary dims; must be an even integer")
+    _one_of(m.rotary_pairing, ROTARY_PAIRINGS, "model.rotary_pairing", "pairing")
     if not m.rotary_base > 0:
         _fail("model.rotary_base", f"must be > 0, got {m.rotary_base!r}")
     for f in ("compute_dtype", "param_dtype"):
-        if m[f] not in DTYPES:
-            _fail(f"model.{f}", f"unknown dtype {m[f]!r}; expected one of {DTYPES}")
+        _one_of(m[f], DTYPES, f"model.{f}", "dtype")
     if m.param_dtype != "float32":
         _fail("model.param_dtype", "master params are float32 (optimizer precision)")
-    if m.remat not in REMAT_POLICIES:
-        _fail("model.remat", f"unknown policy {m.remat!r}; expected one of {REMAT_POLICIES}")
+    _one_of(m.remat, REMAT_POLICIES, "model.remat", "policy")
     if not m.init_std > 0:
         _fail("model.init_std", f"must be > 0, got {m.init_std!r}")
 
+
+def _check_mup_and_tokenizer(c):
     if c.mup.enabled:
-        if not isinstance(c.mup.base_width, int) or c.mup.base_width <= 0:
-            _fail("mup.base_width", f"must be a positive integer, got {c.mup.base_width!r}")
+        _ints(c.mup, "mup", ("base_width",))
         for f in ("embedding_multiplier", "output_alpha"):
             if not c.mup[f] > 0:
                 _fail(f"mup.{f}", f"must be > 0, got {c.mup[f]!r}")
-
     t = c.tokenizer
-    if not isinstance(t.vocab_size, int) or t.vocab_size <= 3:
-        _fail("tokenizer.vocab_size", f"must be an integer > 3, got {t.vocab_size!r}")
+    _ints(t, "tokenizer", ("vocab_size",), minimum=4)
     if len(set(t.special_tokens)) != len(t.special_tokens):
         _fail("tokenizer.special_tokens", "duplicate special tokens")
-    if t.vocab_size + len(t.special_tokens) > m.vocab_size:
-        _fail("model.vocab_size", f"{m.vocab_size} rows cannot hold {t.vocab_size} tokens "
-              f"+ {len(t.special_tokens)} specials")
+    if t.vocab_size + len(t.special_tokens) > c.model.vocab_size:
+        _fail("model.vocab_size", f"{c.model.vocab_size} rows cannot hold {t.vocab_size} "
+              f"tokens + {len(t.special_tokens)} specials")
 
+
+def _check_data(c):
     d = c.data
-    for f in ("seq_len", "num_chunks", "workers"):
-        if not isinstance(d[f], int) or d[f] <= 0:
-            _fail(f"data.{f}", f"must be a positive integer, got {d[f]!r}")
-    if d.seq_len > m.max_seq_len:
-        _fail("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _ints(d, "data", ("seq_len", "num_chunks", "workers"))
+    _ints(d, "data", ("loader_workers", "loader_threads", "loader_prefetch"), minimum=0)
+    if d.seq_len > c.model.max_seq_len:
+        _fail("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}")
     if not (0.0 <= d.val_fraction < 1.0):
         _fail("data.val_fraction", f"must be in [0, 1), got {d.val_fraction!r}")
-    if d.on_bad_record not in ("fail", "skip"):
-        _fail("data.on_bad_record", f"must be 'fail' or 'skip', got {d.on_bad_record!r}")
-    for f in ("loader_workers", "loader_threads", "loader_prefetch"):
-        if not isinstance(d[f], int) or d[f] < 0:
-            _fail(f"data.{f}", f"must be an integer >= 0, got {d[f]!r}")
+    _one_of(d.on_bad_record, ("fail", "skip"), "data.on_bad_record", "policy")
     if not (0.0 <= d.fim_spm_rate <= 1.0):
         _fail("data.fim_spm_rate", f"must be in [0, 1], got {d.fim_spm_rate!r}")
 
-    for k in ("b1", "b2"):
-        if not (0.0 <= c.optim[k] < 1.0):
-            _fail(f"optim.{k}", f"must be in [0, 1), got {c.optim[k]!r}")
-    if not c.optim.eps > 0:
-        _fail("optim.eps", f"must be > 0, got {c.optim.eps!r}")
-    if c.optim.weight_decay < 0:
-        _fail("optim.weight_decay", f"must be >= 0, got {c.optim.weight_decay!r}")
-    if c.optim.wd_mask not in WD_MASKS:
-        _fail("optim.wd_mask", f"must be one of {WD_MASKS}, got {c.optim.wd_mask!r}")
 
+def _check_optim(c):
+    o = c.optim
+    for k in ("b1", "b2"):
+        if not (0.0 <= o[k] < 1.0):
+            _fail(f"optim.{k}", f"must be in [0, 1), got {o[k]!r}")
+    if not o.eps > 0:
+        _fail("optim.eps", f"must be > 0, got {o.eps!r}")
+    if o.weight_decay < 0:
+        _fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay!r}")
+    _one_of(o.wd_mask, WD_MASKS, "optim.wd_mask", "mask")
+
+
+def _check_train(c):
     tr = c.train
-    for f in ("global_batch_size", "grad_accum"):
-        if not isinstance(tr[f], int) or tr[f] <= 0:
-            _fail(f"train.{f}", f"must be a positive integer, got {tr[f]!r}")
+    _ints(tr, "train", ("global_batch_size", "grad_accum"))
     if tr.global_batch_size % tr.grad_accum:
         _fail("train.grad_accum", f"{tr.grad_accum} micro-batches do not divide "
               f"global_batch_size={tr.global_batch_size}")
+    if not (0 <= tr.stage <= len(c.stages)):
+        _fail("train.stage", f"must be 0 (all) or 1..{len(c.stages)}, got {tr.stage!r}")
 
+
+def _check_stages(c):
     if not len(c.stages):
         _fail("stages", "at least one stage is required")
     for i, name in enumerate(stage_names(c), start=1):
         if name != f"stage_{i}":
             _fail(f"stages.{name}", "stages must be named stage_1 .. stage_N in order")
-        s = c.stages[name]
-        p = f"stages.{name}"
-        if not isinstance(s.steps, int) or s.steps <= 0:
-            _fail(f"{p}.steps", f"must be a positive integer, got {s.steps!r}")
-        if s.init not in ("previous", "scratch"):
-            _fail(f"{p}.init", f"must be 'previous' or 'scratch', got {s.init!r}")
+        s, p = c.stages[name], f"stages.{name}"
+        _ints(s, p, ("steps",))
+        _one_of(s.init, ("previous", "scratch"), f"{p}.init", "init")
         sc = s.schedule
-        if sc.kind not in SCHEDULE_KINDS:
-            _fail(f"{p}.schedule.kind", f"must be one of {SCHEDULE_KINDS}, got {sc.kind!r}")
+        _one_of(sc.kind, SCHEDULE_KINDS, f"{p}.schedule.kind", "schedule")
         if sc.warmup_steps < 0 or sc.decay_steps < 0:
             _fail(f"{p}.schedule", "warmup_steps and decay_steps must be >= 0")
         if not sc.peak_lr > 0 or sc.end_lr < 0:
@@ -312,28 +322,25 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if not len(s.mixture):
             _fail(f"{p}.mixture", "a stage needs at least one mixture component")
         for cname, comp in s.mixture.items():
-            q = f"{p}.mixture.{cname}"
-            if not comp.groups:
-                _fail(f"{q}.groups", "no data groups named")
-            if not comp.weight > 0:
-                _fail(f"{q}.weight", f"must be > 0, got {comp.weight!r}")
-            if not isinstance(comp.epochs, int) or comp.epochs <= 0:
-                _fail(f"{q}.epochs", f"must be a positive integer, got {comp.epochs!r}")
-            if not (0.0 <= comp.fim_rate <= 1.0):
-                _fail(f"{q}.fim_rate", f"must be in [0, 1], got {comp.fim_rate!r}")
-            if comp.fim_rate > 0 and "<fim_prefix>" not in t.special_tokens:
-                _fail(f"{q}.fim_rate", "FIM needs the StarCoder special tokens in "
-                      "tokenizer.special_tokens")
-    if not (0 <= tr.stage <= len(c.stages)):
-        _fail("train.stage", f"must be 0 (all) or 1..{len(c.stages)}, got {tr.stage!r}")
+            _check_component(c, comp, f"{p}.mixture.{cname}")
 
-    mesh = c.mesh
-    for f in ("data", "fsdp", "tensor"):
-        if not isinstance(mesh[f], int) or mesh[f] <= 0:
-            _fail(f"mesh.{f}", f"must be a positive integer, got {mesh[f]!r}")
-    if mesh.preset not in ("", "gpu", "tpu", "wafer"):
-        _fail("mesh.preset", f"unknown preset {mesh.preset!r}")
-    return c
+
+def _check_component(c, comp, q: str):
+    if not comp.groups:
+        _fail(f"{q}.groups", "no data groups named")
+    if not comp.weight > 0:
+        _fail(f"{q}.weight", f"must be > 0, got {comp.weight!r}")
+    _ints(comp, q, ("epochs",))
+    if not (0.0 <= comp.fim_rate <= 1.0):
+        _fail(f"{q}.fim_rate", f"must be in [0, 1], got {comp.fim_rate!r}")
+    if comp.fim_rate > 0 and "<fim_prefix>" not in c.tokenizer.special_tokens:
+        _fail(f"{q}.fim_rate", "FIM needs the StarCoder special tokens in "
+              "tokenizer.special_tokens")
+
+
+def _check_mesh(c):
+    _ints(c.mesh, "mesh", ("data", "fsdp", "tensor"))
+    _one_of(c.mesh.preset, ("", "gpu", "tpu", "wafer"), "mesh.preset", "preset")
 
 
 # ----------------------------------------------------------------------------- derived
