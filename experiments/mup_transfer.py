@@ -17,7 +17,7 @@ times its own LR; the script checks that identity before it trusts it.
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import math
 import os
@@ -26,7 +26,18 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+
+from crystal import cli, fileio, optim
+from crystal import config as config_lib
+from crystal import model as model_lib
+from crystal.data import prepare
+from crystal.metrics import plots
+from crystal.errors import UsageError
+from crystal.mup import coord_check
 
 # The CPU-sized sweep (< 10 min on 2 cores): the full sweep's widths and grid, fewer and
 # smaller steps.
@@ -67,8 +78,6 @@ def load_rows(workdir) -> tuple[np.ndarray, np.ndarray]:
 
 def sweep_config(cfg, width, mup, steps, warmup, end_ratio, num_layers, seq_len, head_dim):
     """The width's config; stage 1 is the sweep's schedule at base LR 1 (see module doc)."""
-    from crystal import config as config_lib
-    from crystal.mup import coord_check
     c = coord_check.at_width(cfg, width, mup=mup, head_dim=head_dim, num_layers=num_layers,
                              seq_len=seq_len)
     s = config_lib.stage(c, 1)
@@ -80,10 +89,6 @@ def sweep_config(cfg, width, mup, steps, warmup, end_ratio, num_layers, seq_len,
 
 def check_lr_linearity(cfg, params):
     """crystal.optim's update at base LR x equals x times the update at base LR 1."""
-    import copy
-    import jax
-    from crystal import config as config_lib
-    from crystal import optim
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     g = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
@@ -103,13 +108,6 @@ def check_lr_linearity(cfg, params):
 
 def train_width(cfg, lrs, train_BxL1, val_BxL1, batch_size, seed, check=False):
     """Trains one width at every LR (vmapped): (losses steps x R, val loss R, s/step)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from crystal import config as config_lib
-    from crystal import model as model_lib
-    from crystal import optim
-    from crystal.mup import coord_check
 
     steps = int(config_lib.stage(cfg, 1).steps)
     opt = optim.make_optimizer(cfg, 1)
@@ -165,7 +163,6 @@ def optimum(log2_lrs, loss_R) -> int | None:
 
 
 def machine() -> dict:
-    import jax
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -219,9 +216,7 @@ def loss_table(res: dict) -> str:
 
 
 def plot(res: dict, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     lrs = res["log2_lrs"]
     finite = [x for p in ("mup", "sp") for r in res["runs"][p].values()
@@ -246,130 +241,127 @@ def plot(res: dict, path):
     fig.suptitle(f"LR transfer on the sample corpus ({res['mode']} mode, base width "
                  f"{res['setup']['base_width']})", fontsize=10)
     fig.tight_layout()
-    from crystal import fileio
-    with fileio.atomic_open(path) as f:
-        fig.savefig(f, dpi=120, format="png")
-    plt.close(fig)
+    plots.save_png(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.mup_transfer",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/crystalcoder_tiny.py",
-                   help="base config (muP base width and base hyperparameters)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--workdir", default="",
-                   help="where the sample corpus is prepared (reused if present); "
-                        "'' = runs/mup_transfer_data/seqN")
-    p.add_argument("--quick", action="store_true",
-                   help="the CPU-sized sweep: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    p.add_argument("--widths", default="64,128,256,512")
-    p.add_argument("--log2_lrs", default="-12:-4", help="log2 LR grid, 'LO:HI' or a list")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--warmup_frac", type=float, default=0.1)
-    p.add_argument("--end_ratio", type=float, default=0.1, help="final LR / peak LR")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=64)
-    p.add_argument("--num_layers", type=int, default=2)
-    p.add_argument("--head_dim", type=int, default=0, help="0: the config's head_dim")
-    p.add_argument("--val_rows", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    explicit = {x.split("=")[0].lstrip("-") for x in (argv or sys.argv[1:])}
-    sweep_knobs = {"widths", "log2_lrs", "steps", "batch_size", "seq_len", "num_layers",
-                   "head_dim", "warmup_frac", "end_ratio"}
-    mode = "quick" if a.quick else ("custom" if explicit & sweep_knobs else "full")
-    if a.quick:
-        for k, v in QUICK.items():
-            if k not in explicit:
-                setattr(a, k, v)
+FLAGS = (
+    cli.Flag("out", "output folder", required=True),
+    cli.Flag("workdir", "where the sample corpus is prepared (reused if present); '' = "
+             "runs/mup_transfer_data/seqN", str, ""),
+    cli.Flag("quick", "the CPU-sized sweep: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
+             bool, False),
+    cli.Flag("widths", "widths to sweep", str, "64,128,256,512"),
+    cli.Flag("log2_lrs", "log2 LR grid, 'LO:HI' or a list", str, "-12:-4"),
+    cli.Flag("steps", "steps per run", int, 300),
+    cli.Flag("warmup_frac", "warmup share of the steps", float, 0.1),
+    cli.Flag("end_ratio", "final LR / peak LR", float, 0.1),
+    cli.Flag("batch_size", "rows per step", int, 8),
+    cli.Flag("seq_len", "tokens per row", int, 64),
+    cli.Flag("num_layers", "layers at every width", int, 2),
+    cli.Flag("head_dim", "fixed head dim (0: the config's)", int, 0),
+    cli.Flag("val_rows", "validation rows", int, 128),
+    cli.Flag("seed", "seed of the data order and inits", int, 0),
+)
+SWEEP_KNOBS = {"widths", "log2_lrs", "steps", "batch_size", "seq_len", "num_layers",
+               "head_dim", "warmup_frac", "end_ratio"}
 
-    from crystal import config as config_lib
-    from crystal.data import prepare
-    t0, c0 = time.time(), time.process_time()
-    try:
-        cfg = config_lib.load(a.config)
-        widths = [int(w) for w in str(a.widths).split(",") if w.strip()]
-        log2_lrs = parse_log2_lrs(str(a.log2_lrs))
-        if len(log2_lrs) < 2 or a.steps < 1:
-            raise ValueError("need two or more LRs and steps >= 1")
-        prep_len = max(int(a.seq_len), 64)  # rows are cut to seq_len + 1 below
-        data_cfg = config_lib.load(a.config, {"data.seq_len": prep_len,
-                                              "model.max_seq_len": max(prep_len, 128)})
-        a.workdir = a.workdir or f"runs/mup_transfer_data/seq{prep_len}"
-        prepare.ensure_prepared(data_cfg, a.workdir)
-        train, val = load_rows(a.workdir)
-        need = a.steps * a.batch_size
-        if len(train) < need:
-            raise ValueError(f"{a.workdir}: {len(train)} train rows, {need} needed")
-    except (config_lib.ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _setup(a):
+    """(widths, log2_lrs, train rows, val rows) for the sweep; data prepared if needed."""
+    widths = [int(w) for w in str(a.widths).split(",") if w.strip()]
+    log2_lrs = parse_log2_lrs(str(a.log2_lrs))
+    if len(log2_lrs) < 2 or a.steps < 1:
+        raise UsageError("--log2_lrs/--steps: need two or more LRs and steps >= 1")
+    prep_len = max(int(a.seq_len), 64)  # rows are cut to seq_len + 1 below
+    data_cfg = config_lib.with_overrides(config_lib.read(a.config_file or cli.default_config()),
+                                         {**a.overrides, "data.seq_len": prep_len,
+                                          "model.max_seq_len": max(prep_len, 128)})
+    a.workdir = a.workdir or f"runs/mup_transfer_data/seq{prep_len}"
+    prepare.ensure_prepared(data_cfg, a.workdir)
+    train, val = load_rows(a.workdir)
+    need = a.steps * a.batch_size
+    if len(train) < need:
+        raise UsageError(f"{a.workdir}: {len(train)} train rows, {need} needed")
     order = np.random.default_rng(a.seed).permutation(len(train))[:need]
-    train = train[order][:, : a.seq_len + 1]
-    val = val[: a.val_rows, : a.seq_len + 1]
+    return widths, log2_lrs, train[order][:, : a.seq_len + 1], val[: a.val_rows, : a.seq_len + 1]
+
+
+def _clean(xs):
+    return [float(x) if np.isfinite(x) else None for x in xs]
+
+
+def _sweep(a, cfg, widths, log2_lrs, train, val):
+    """({mup|sp: {width: run record}}, {mup|sp: {width: loss curves}})."""
     lrs = [2.0 ** l for l in log2_lrs]
     warmup = int(round(a.warmup_frac * a.steps))
-
-    runs = {"mup": {}, "sp": {}}
-    curves = {"mup": {}, "sp": {}}
+    runs, curves = {"mup": {}, "sp": {}}, {"mup": {}, "sp": {}}
     for w in widths:
         for pz in ("mup", "sp"):
             c = sweep_config(cfg, w, pz == "mup", a.steps, warmup, a.end_ratio, a.num_layers,
                              a.seq_len, a.head_dim or None)
             t = time.time()
             losses, val_R, step_s = train_width(c, lrs, train, val, a.batch_size, a.seed,
-                                        check=(w == widths[0]))
+                                                check=(w == widths[0]))
             fl = final_train_loss(losses)
-            def clean(xs):
-                return [float(x) if np.isfinite(x) else None for x in xs]
             best = optimum(log2_lrs, fl)
-            runs[pz][str(w)] = dict(train_loss=clean(fl), val_loss=clean(val_R),
+            runs[pz][str(w)] = dict(train_loss=_clean(fl), val_loss=_clean(val_R),
                                     best_log2_lr=best, seconds=round(time.time() - t, 1),
                                     step_seconds=round(step_s, 3))
             every = max(1, a.steps // 50)
-            curves[pz][str(w)] = [clean(losses[i]) for i in range(0, a.steps, every)]
+            curves[pz][str(w)] = [_clean(losses[i]) for i in range(0, a.steps, every)]
             print(f"{pz:3s} width {w:4d} ({time.time() - t:5.0f} s): best 2^{best} " + " ".join(
                 f"{l}:{x:.3f}" for l, x in zip(log2_lrs, fl)), flush=True)
+    return runs, curves
 
+
+def _summary(runs) -> dict:
     def spread(pz):
         b = [r["best_log2_lr"] for r in runs[pz].values()]
         return (max(b) - min(b)) if None not in b else None
 
-    def wider_better():
-        bests = []
-        for r in runs["mup"].values():
-            f = [x for x in r["train_loss"] if x is not None]
-            bests.append(min(f) if f else math.inf)
-        return all(b2 < b1 for b1, b2 in zip(bests, bests[1:]))
+    bests = []
+    for r in runs["mup"].values():
+        f = [x for x in r["train_loss"] if x is not None]
+        bests.append(min(f) if f else math.inf)
+    return dict(mup_optimum_spread_octaves=spread("mup"), sp_optimum_spread_octaves=spread("sp"),
+                mup_wider_is_better=all(b2 < b1 for b1, b2 in zip(bests, bests[1:])))
 
-    cmd = "python -m experiments.mup_transfer " + " ".join(argv if argv is not None
-                                                            else sys.argv[1:])
+
+def _setup_record(a, cfg, need, n_val, warmup) -> dict:
+    return dict(config=a.config_file or cli.default_config(), base_width=int(cfg.mup.base_width),
+                steps=a.steps, warmup_steps=warmup, schedule="linear warmup, linear decay to "
+                f"{a.end_ratio} x peak", batch_size=a.batch_size, seq_len=a.seq_len,
+                num_layers=a.num_layers, head_dim=a.head_dim or config_lib.head_dim(cfg),
+                ffn_ratio=cfg.model.ffn_dim / cfg.model.d_model, seed=a.seed,
+                data=f"sample corpus, all groups, {need} rows in a seeded shuffle",
+                val_rows=n_val, optimizer="crystal.optim.make_optimizer (AdamW b1 "
+                f"{cfg.optim.b1} b2 {cfg.optim.b2}, wd {cfg.optim.weight_decay}, "
+                f"clip {cfg.optim.clip_norm})",
+                sp=f"muP off: one init std {cfg.model.init_std}, multipliers 1, attention "
+                   "1/sqrt(head_dim)")
+
+
+def _main(a, argv):
+    mode = "quick" if a.quick else ("custom" if a.given & SWEEP_KNOBS else "full")
+    if a.quick:
+        for k, v in QUICK.items():
+            if k not in a.given:
+                setattr(a, k, v)
+    t0, c0 = time.time(), time.process_time()
+    cfg = a.cfg
+    widths, log2_lrs, train, val = _setup(a)
+    runs, curves = _sweep(a, cfg, widths, log2_lrs, train, val)
+    warmup = int(round(a.warmup_frac * a.steps))
     res = dict(
-        mode=mode, command=cmd, machine=machine(),
-        wall_s=time.time() - t0, cpu_s=time.process_time() - c0,
-        load_avg_1m=os.getloadavg()[0], log2_lrs=log2_lrs, lrs=lrs, widths=widths,
-        setup=dict(config=a.config, base_width=int(cfg.mup.base_width), steps=a.steps,
-                   warmup_steps=warmup, schedule="linear warmup, linear decay to "
-                   f"{a.end_ratio} x peak", batch_size=a.batch_size, seq_len=a.seq_len,
-                   num_layers=a.num_layers, head_dim=a.head_dim or config_lib.head_dim(cfg),
-                   ffn_ratio=cfg.model.ffn_dim / cfg.model.d_model, seed=a.seed,
-                   data=f"sample corpus, all groups, {need} rows in a seeded shuffle",
-                   val_rows=len(val), optimizer="crystal.optim.make_optimizer (AdamW b1 "
-                   f"{cfg.optim.b1} b2 {cfg.optim.b2}, wd {cfg.optim.weight_decay}, "
-                   f"clip {cfg.optim.clip_norm})",
-                   sp="muP off: one init std "
-                   f"{cfg.model.init_std}, multipliers 1, attention 1/sqrt(head_dim)"),
-        runs=runs,
-        summary=dict(mup_optimum_spread_octaves=spread("mup"),
-                     sp_optimum_spread_octaves=spread("sp"),
-                     mup_wider_is_better=wider_better()),
-        curves=dict(every=max(1, a.steps // 50), loss=curves))
+        mode=mode, command="python -m experiments.mup_transfer " + " ".join(argv),
+        machine=machine(), wall_s=time.time() - t0, cpu_s=time.process_time() - c0,
+        load_avg_1m=os.getloadavg()[0], log2_lrs=log2_lrs, lrs=[2.0 ** l for l in log2_lrs],
+        widths=widths, setup=_setup_record(a, cfg, len(train), len(val), warmup), runs=runs,
+        summary=_summary(runs), curves=dict(every=max(1, a.steps // 50), loss=curves))
     out = Path(a.out)
-    from crystal import fileio
     fileio.write_json(out / "results.json", res)
     with fileio.atomic_open(out / "loss_table.md", "w") as f:
         f.write(loss_table(res))
@@ -377,8 +369,13 @@ def main(argv=None):
     print(loss_table(res))
     print(f"wrote {out}/results.json, loss_table.md, mup_transfer.png "
           f"({time.time() - t0:.0f} s)")
-    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return cli.run(lambda a: _main(a, argv), doc=__doc__.split("\n\n")[0], flags=FLAGS,
+                   config=cli.CONFIG_REQUIRED, argv=argv, prog="python -m experiments.mup_transfer")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -19,9 +19,13 @@ import difflib
 import logging
 import os
 import sys
+import textwrap
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
+from absl import logging as absl_logging
+
+from crystal import config as config_lib
 from crystal.errors import CrystalError, UsageError
 
 CONFIG_REQUIRED, CONFIG_OPTIONAL, CONFIG_NONE = "required", "optional", "none"
@@ -160,8 +164,12 @@ def help_text(prog: str, doc: str, flags: Sequence[Flag], config: str) -> str:
         rows.append((left, right))
     rows.append(("-h, --help", "show this help and exit"))
     w = min(max(len(r[0]) for r in rows), 34)
-    lines += [f"  {left:<{w}}  {right}" if len(left) <= w else f"  {left}\n  {'':<{w}}  {right}"
-              for left, right in rows]
+    for left, right in rows:
+        body = textwrap.wrap(right, width=max(40, 96 - w)) or [""]
+        if len(left) > w:
+            lines.append(f"  {left}")
+            left = ""
+        lines += [f"  {left:<{w}}  {body[0]}"] + [f"  {'':<{w}}  {b}" for b in body[1:]]
     return "\n".join(lines)
 
 
@@ -183,18 +191,13 @@ def _quiet_logs():
     """crystal's own INFO lines as plain messages; orbax/absl at WARNING (orbax logs every
     save at INFO)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        from absl import logging as absl_logging
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    except ImportError:  # absl is a dependency; stay importable without it
-        pass
+    absl_logging.set_verbosity(absl_logging.WARNING)
     for name in ("absl", "jax", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def load_config(args, default: str | None = None):
     """The validated config of `args`: --config (or `default`), then the overrides."""
-    from crystal import config as config_lib
     return config_lib.load(args.config_file or default or default_config(), args.overrides)
 
 

@@ -15,6 +15,7 @@ import ast
 import difflib
 import fnmatch
 import importlib.util
+import json
 import math
 import re
 import traceback
@@ -565,7 +566,6 @@ def set_field(cfg, dotted: str, value):
 
 def to_json_dict(cfg) -> dict:
     """A plain JSON-able dict of a config (for manifests and checkpoints)."""
-    import json
     return json.loads(cfg.to_json())
 
 

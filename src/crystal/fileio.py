@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -75,7 +76,6 @@ def atomic_dir(path):
     """A directory that appears at `path` whole or not at all: the block fills a sibling
     temporary directory, renamed onto `path` when it ends, removed if it raises. `path`
     must not exist (nothing is ever overwritten)."""
-    import shutil
     p = Path(path)
     if p.exists():
         raise CrystalError(f"{p}: already exists; choose another output directory")

@@ -24,8 +24,15 @@ import math
 import os
 import time
 
-from crystal import cli, fileio
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crystal import cli, fileio, sharding
 from crystal import config as config_lib
+from crystal import model as model_lib
+from crystal import optim as optim_lib
+from crystal import train as train_lib
 from crystal.errors import UsageError
 
 # Device memory (bytes) as the driver reports it; what a process can actually use is
@@ -56,7 +63,6 @@ def _gib(n) -> str:
 
 
 def _set_mesh(cfg, text: str):
-    from crystal import sharding
     for k, v in sharding.parse_mesh_flag(text).items():
         cfg.mesh[k] = v
 
@@ -72,8 +78,6 @@ def _set_batch(cfg, per_device_batch: int, batch_shards: int):
 
 
 def _tree_bytes(tree, shardings) -> int:
-    import jax
-    import numpy as np
     sizes = jax.tree.map(lambda a, s: math.prod(s.shard_shape(tuple(a.shape)))
                          * np.dtype(a.dtype).itemsize, tree, shardings)
     return int(sum(jax.tree.leaves(sizes)))
@@ -84,9 +88,6 @@ def _flops(cfg, batch_rows: int) -> float:
 
     XLA counts a while loop's body once, so the layer scan is unrolled at 1 and 2 layers
     and extrapolated linearly to num_layers: flops(L) = head + L x layer."""
-    import jax
-    import jax.numpy as jnp
-    from crystal import optim as optim_lib, train as train_lib
     out = []
     for n in (1, 2):
         c = config_lib.from_json_dict(config_lib.to_json_dict(cfg))
@@ -104,9 +105,6 @@ def _flops(cfg, batch_rows: int) -> float:
 
 
 def plan(cfg, devices_to_check, usable_fraction: float, activations: bool = True) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from crystal import model as model_lib, optim as optim_lib, sharding, train as train_lib
 
     mesh = sharding.make_mesh(cfg)
     n_dev = mesh.devices.size
@@ -182,10 +180,6 @@ def plan(cfg, devices_to_check, usable_fraction: float, activations: bool = True
 def _activation_bytes(cfg, mesh, params_abstract, params_sh, micro_rows, L):
     """Per-device bytes of what one micro-batch's forward saves for its backward (the vjp
     residuals, params excluded), from the shardings XLA chose for them."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from crystal import sharding, train as train_lib
     bsh = sharding.batch_sharding(cfg, mesh, rows=micro_rows * int(cfg.train.grad_accum))
     p = sharding.abstract_with_shardings(params_abstract, params_sh)
     b = {k: jax.ShapeDtypeStruct((micro_rows, L), d, sharding=bsh) for k, d in
@@ -251,12 +245,11 @@ def report(p: dict) -> str:
 
 def _fake_devices(n: int):
     """n CPU devices, before JAX starts: the plan never touches a real accelerator."""
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")    # read when the backend starts, not on import
     xf = [f for f in os.environ.get("XLA_FLAGS", "").split()
           if not f.startswith("--xla_force_host_platform_device_count")]
     os.environ["XLA_FLAGS"] = " ".join(xf + [f"--xla_force_host_platform_device_count={n}"])
-    import jax
-    if jax.device_count() != n:
+    if jax.device_count() != n:   # the first device query starts the backend, with the flags
         raise UsageError(f"JAX already started with {jax.device_count()} devices; run "
                          "crystal.plan in a fresh process")
 
@@ -270,7 +263,6 @@ def _main(a):
             raise UsageError(f"--device: unknown device {d!r}; expected some of "
                              f"{list(DEVICES)}")
     _fake_devices(cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor)
-    from crystal import sharding
     if a.per_device_batch:
         mesh = sharding.make_mesh(cfg)
         shards = math.prod(mesh.shape[x] for x in sharding.batch_axes(cfg, mesh))

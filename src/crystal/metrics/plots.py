@@ -19,11 +19,11 @@ from crystal.errors import MetricsError  # noqa: E402
 from crystal.metrics.writers import read_jsonl  # noqa: E402
 
 
-def save_png(fig, path) -> Path:
+def save_png(fig, path, dpi: int | None = None) -> Path:
     """`fig` as a PNG at `path`, whole or not at all; the figure is closed."""
     path = Path(path)
     with fileio.atomic_open(path) as f:
-        fig.savefig(f, format="png", bbox_inches="tight")
+        fig.savefig(f, format="png", bbox_inches="tight", dpi=dpi)
     plt.close(fig)
     return path
 

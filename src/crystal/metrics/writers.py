@@ -22,9 +22,12 @@ import time
 import types
 from pathlib import Path
 
+import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from crystal import fileio
+from crystal.config import to_json_dict
 from crystal.errors import MetricsError
 
 
@@ -195,7 +198,6 @@ class TensorBoardWriter(_ScalarsOnly):
     """
 
     def __init__(self, logdir, resume_step: int | None = None):
-        from tensorboardX import SummaryWriter
         self.logdir = str(logdir)
         self._w = SummaryWriter(logdir=self.logdir, purge_step=resume_step, flush_secs=30)
 
@@ -236,7 +238,6 @@ class WandbWriter(_ScalarsOnly):
         except ImportError:
             raise MetricsError("metrics.wandb=True needs wandb: pip install crystal[wandb]") \
                 from None
-        from crystal.config import to_json_dict
         (Path(workdir) / "wandb").mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(project=cfg.metrics.wandb_project, mode=cfg.metrics.wandb_mode,
                                dir=str(workdir), name=cfg.name, config=to_json_dict(cfg))
@@ -264,7 +265,6 @@ def create_writer(cfg, workdir, process_index: int | None = None,
     hide (TensorBoard) what an earlier attempt logged at steps >= it.
     """
     if process_index is None:
-        import jax
         process_index = jax.process_index()
     if process_index != 0:
         return MultiWriter([])

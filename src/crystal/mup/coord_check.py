@@ -32,6 +32,7 @@ from crystal import config as config_lib
 from crystal import model as model_lib
 from crystal import optim
 from crystal.data import prepare
+from crystal.metrics import plots
 from crystal.errors import UsageError
 from crystal.train import step as step_lib
 
@@ -223,9 +224,7 @@ def spread(data: dict, parametrization: str, layer_type: str, t: int = -1) -> fl
 def plot(data: dict, path, title: str = ""):
     """microsoft/mup style: one panel per (parametrization, layer type), x = width (log2),
     y = mean |activation| (log), one line per training step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.plt
     types = [k for k in LAYER_TYPES if k in data["mup"]]
     fig, axes = plt.subplots(len(PARAMETRIZATIONS), len(types),
                              figsize=(3.0 * len(types), 2.8 * len(PARAMETRIZATIONS)),
@@ -250,9 +249,7 @@ def plot(data: dict, path, title: str = ""):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with fileio.atomic_open(path) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    plots.save_png(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import json
 
-from crystal import cli
+import jax
+
+from crystal import cli, optim
+from crystal import config as config_lib
+from crystal import model as model_lib
+from crystal import mup as mup_lib
 from crystal.errors import UsageError
+from crystal.mup import coord_check
 
 
 def _g(x: float) -> str:
@@ -22,12 +28,6 @@ def _g(x: float) -> str:
 
 def derive(cfg, width: int | None = None) -> dict:
     """Every width-dependent number for `cfg` at its d_model (or `width`), as plain data."""
-    from crystal import config as config_lib
-    from crystal import mup as mup_lib
-    from crystal import optim
-    from crystal import model as model_lib
-    from crystal.mup import coord_check
-
     width = int(width or cfg.model.d_model)
     r = mup_lib.rules(cfg, width)
     hd = config_lib.head_dim(cfg)
@@ -35,7 +35,6 @@ def derive(cfg, width: int | None = None) -> dict:
         cfg, width, mup=bool(cfg.mup.enabled))
     classes = optim.param_classes(model_lib.abstract_params(sized))
     shapes = model_lib.abstract_params(sized)
-    import jax
     groups: dict = {}
     for (path, c), leaf in zip(jax.tree_util.tree_flatten_with_path(classes)[0],
                                jax.tree.leaves(shapes)):

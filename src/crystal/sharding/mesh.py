@@ -35,8 +35,10 @@ from typing import Callable, Mapping
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from crystal import model as model_lib
 from crystal.errors import ShardingError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -96,7 +98,6 @@ def make_mesh(cfg, devices=None) -> Mesh:
     sizes = mesh_shape(cfg, len(devices), local)
     shape = tuple(sizes[a] for a in MESH_AXES)
     if cfg.mesh.preset == "tpu" and devices[0].platform == "tpu":
-        from jax.experimental import mesh_utils
         arr = mesh_utils.create_device_mesh(shape, devices)
     else:
         # Process-major, tensor fastest: a tensor group is consecutive devices of one process,
@@ -164,7 +165,6 @@ def spec_for(logical: tuple, shape: tuple, mesh: Mesh, rule_map: Mapping) -> P:
 
 def param_specs(cfg, mesh: Mesh, shapes=None):
     """A pytree like the params with each leaf's PartitionSpec over `mesh`."""
-    from crystal import model as model_lib
     rule_map = rules(cfg)
     logical = model_lib.logical_axes(cfg)
     shapes = model_lib.abstract_params(cfg) if shapes is None else shapes
@@ -175,7 +175,6 @@ def param_specs(cfg, mesh: Mesh, shapes=None):
 def divisibility_fallbacks(cfg, mesh: Mesh) -> list[str]:
     """'path: dim D (logical) not split over axis (N)' for every param dim the rules wanted
     sharded but the divisibility rule kept whole: what to fix when a plan does not fit."""
-    from crystal import model as model_lib
     rule_map = rules(cfg)
     logical = model_lib.logical_axes(cfg)
     shapes = model_lib.abstract_params(cfg)
@@ -212,7 +211,6 @@ def state_shardings(abstract_state, cfg, mesh: Mesh):
     """Shardings for a whole train state: every leaf whose key path ends with a param's path
     and has that param's shape (the params themselves, Adam's mu and nu, ...) is sharded as
     the param; everything else (step, counts, rng) is replicated."""
-    from crystal import model as model_lib
     shapes = model_lib.abstract_params(cfg)
     pspecs = param_specs(cfg, mesh, shapes)
     by_path = {}

@@ -1,8 +1,7 @@
-"""Trains a config through its stages: `python -m crystal.train [--stage=N]`.
-
-With no --stage every remaining stage runs in order; --stage=N runs stage N alone (from
-stage N-1's final checkpoint, or --init_from) and stops after its stage-final checkpoint.
-The same command after an interruption continues bit-exactly from the last checkpoint.
+"""Trains a config through its stages: `python -m crystal.train [--stage=N]`. With no
+--stage every remaining stage runs in order; --stage=N runs stage N alone (from stage N-1's
+final checkpoint, or --init_from) and stops after its stage-final checkpoint. The same
+command after an interruption continues bit-exactly from the last checkpoint.
 """
 
 from pathlib import Path
