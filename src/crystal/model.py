@@ -260,6 +260,10 @@ _REMAT = {
 
 
 class Transformer(nn.Module):
+    """Embedding, the blocks, the final norm: final hidden states B x L x D in the compute
+    dtype. The output head's params live here too (`lm_head`, unless tied), but the logits
+    are computed outside the module (`logits`), so a loss or a decoder can project only the
+    rows it needs."""
     spec: ModelSpec
 
     @nn.compact
@@ -290,18 +294,27 @@ class Transformer(nn.Module):
         else:
             for i in range(s.num_layers):
                 carry, _ = block(s, name=f"layers_{i}")(carry, None)
-        x_BxLxD = Norm(s, name="final_norm")(carry[0])
+        if not s.tie_embeddings:
+            _param(self, "lm_head", trunc_normal(s.std_output), (s.d_model, s.vocab_size),
+                   ("embed", "vocab"))
+        return Norm(s, name="final_norm")(carry[0])
 
-        if s.tie_embeddings:
-            head_DxV = emb_VxD.T
-        else:
-            head_DxV = _param(self, "lm_head", trunc_normal(s.std_output),
-                              (s.d_model, s.vocab_size), ("embed", "vocab"))
-        logits_BxLxV = jnp.dot(x_BxLxD.reshape(B * L, s.d_model), head_DxV.astype(dt),
-                               preferred_element_type=jnp.float32).reshape(B, L, -1)
-        logits_BxLxV = logits_BxLxV * s.logit_multiplier
-        self.sow("intermediates", "output_logits", _mean_abs(logits_BxLxV))
-        return logits_BxLxV
+
+def output_head(params, cfg):
+    """The D x V output projection (float32 params): the tied embedding, transposed, or
+    `lm_head`."""
+    spec = ModelSpec.from_config(cfg)
+    return params["embedding"].T if spec.tie_embeddings else params["lm_head"]
+
+
+def logits(hidden_BxLxD, head_DxV, cfg):
+    """Float32 logits of final hidden states (any leading shape): one rank-2 matmul in the
+    compute dtype with float32 accumulation, times muP's logit multiplier."""
+    spec = ModelSpec.from_config(cfg)
+    *lead, D = hidden_BxLxD.shape
+    out = jnp.dot(hidden_BxLxD.reshape(-1, D), head_DxV.astype(spec.dtype),
+                  preferred_element_type=jnp.float32).reshape(*lead, -1)
+    return out * spec.logit_multiplier
 
 
 # ----------------------------------------------------------------------------- functional API
@@ -333,19 +346,33 @@ def logical_axes(cfg):
     return nn.get_partition_spec(boxed)
 
 
-def apply(params, tokens_BxL, cfg, positions_BxL=None, segment_ids_BxL=None,
-          capture_intermediates: bool = False):
-    """Logits (float32, B x L x V). Pure; jit it (or call inside a jitted step).
+def hidden(params, tokens_BxL, cfg, positions_BxL=None, segment_ids_BxL=None,
+           capture_intermediates: bool = False):
+    """Final hidden states (B x L x D, compute dtype, after the final norm). Pure.
 
-    With capture_intermediates, returns (logits, {name: mean |activation|}) for the muP
-    coordinate check; scanned layers give one value per layer.
-    """
+    With capture_intermediates, returns (hidden, {name: mean |activation|}) for the muP
+    coordinate check; scanned layers give one value per layer."""
     mod = _module(cfg)
     if capture_intermediates:
-        logits, state = mod.apply({"params": params}, tokens_BxL, positions_BxL,
-                                  segment_ids_BxL, mutable=["intermediates"])
-        return logits, state["intermediates"]
+        h, state = mod.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL,
+                             mutable=["intermediates"])
+        return h, dict(state["intermediates"])
     return mod.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL)
+
+
+def apply(params, tokens_BxL, cfg, positions_BxL=None, segment_ids_BxL=None,
+          capture_intermediates: bool = False):
+    """Logits (float32, B x L x V): `logits(hidden(...))`. Pure; jit it (or call inside a
+    jitted step). With capture_intermediates, returns (logits, intermediates), the output
+    logits' mean |value| among them."""
+    out = hidden(params, tokens_BxL, cfg, positions_BxL, segment_ids_BxL,
+                 capture_intermediates)
+    h, inter = out if capture_intermediates else (out, None)
+    logits_BxLxV = logits(h, output_head(params, cfg), cfg)
+    if not capture_intermediates:
+        return logits_BxLxV
+    inter["output_logits"] = (_mean_abs(logits_BxLxV),)
+    return logits_BxLxV, inter
 
 
 def param_count(params) -> int:
