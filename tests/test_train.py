@@ -16,6 +16,7 @@ import pytest
 
 from crystal import checkpoint as ckpt_lib
 from crystal import config, optim, train
+from crystal.train import ledger
 from crystal.data import prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,6 +181,16 @@ def test_default_stages_resume_bit_identical_and_float32_checkpoints(env):
     assert any(r.get("eval/loss") for r in map(json.loads,
                                                (full / "metrics.jsonl").read_text().splitlines()))
     assert (full / "loss.png").stat().st_size > 0
+    # The ledger: what happened to each run, as it happened.
+    ev = [(e["event"], e["stage"], e["step"]) for e in ledger.read(full)]
+    assert ev == [("start", 1, 0), ("stage_start", 1, 0), ("stage_end", 1, 6),
+                  ("stage_start", 2, 6), ("stage_end", 2, 12), ("stage_start", 3, 12),
+                  ("stage_end", 3, 13), ("finish", 3, 13)]
+    ev = ledger.read(part)
+    assert [(e["event"], e["step"]) for e in ev[:4]] == [
+        ("start", 0), ("stage_start", 0), ("stop", 4), ("start", 4)]
+    assert ev[2]["reason"] == "stop after 4 steps" and ev[3]["kind"] == "resume"
+    assert ev[3]["stage_step"] == 4 and ev[3]["lr"] > 0 and ev[3]["code"]["commit"]
     # Re-running a finished workdir does nothing and overwrites nothing.
     assert train.run(cfg, full)["start"]["kind"] == "complete"
 

@@ -41,6 +41,7 @@ from crystal.data import prepare as prepare_lib
 from crystal.errors import MetricsError, TrainError
 from crystal.metrics import plots
 from crystal.train import step as step_lib
+from crystal.train.ledger import Ledger
 from crystal.train.watch import BadSteps, Progress, Signals, SpikeDetector
 
 log = logging.getLogger("crystal.train")
@@ -76,10 +77,13 @@ def run(cfg, workdir, stage: int | None = None, init_from: str | None = None,
                 loader = r.loader(n)
                 state = _enter_stage(r, n, state)
                 r.progress.write(f"stage {n} from step {r.step}")
+                r.event("stage_start", state, loader, n)
             state, why = _train_stage(r, n, state, loader, sig)
             loader.close()
             if why:
+                r.event("stop", state, loader, n, reason=why)
                 return r.close(state, preempted=why)
+    r.event("finish", state, loader, start["last"])
     return r.close(state)
 
 
@@ -232,6 +236,15 @@ class _Run:
         self.steps_run = 0
         self.tokens_seen = self.skipped_total = 0
         self.writer = self.progress = None
+        self.ledger = Ledger(workdir, enabled=jax.process_index() == 0)
+
+    def event(self, event: str, state, loader, n: int, **fields):
+        """A ledger line: the event, where the run stands (global step, stage, stage step,
+        data chunk) and the base LR of the next update."""
+        self.ledger.record(event, step=self.step, stage=n, stage_step=loader.step,
+                           chunk=loader.chunk_of_step(min(loader.step, loader.steps - 1)),
+                           lr=float(optim_lib.current_lr(state.opt_state)),
+                           tokens_seen=int(self.tokens_seen), **fields)
 
     def loader(self, n: int) -> loader_lib.StageLoader:
         return loader_lib.StageLoader(self.cfg, self.workdir, n, *self.data_slice)
@@ -316,6 +329,7 @@ def _start(r: _Run, start: dict):
         if config_lib.stage(r.cfg, n).init != "scratch":
             state = _enter_stage(r, n, state)
         r.summary["init_from"] = f"{src.directory}/{step}"
+        r.summary["origin"] = _origin(src.directory, step)
     else:
         state = r.fresh_init()
     r.step = int(state.step)
@@ -326,7 +340,25 @@ def _start(r: _Run, start: dict):
     r.progress = Progress(r.cfg.train.progress, total, loader.step)
     r.progress.write(f"crystal.train: {r.cfg.name} in {r.workdir} ({start['kind']} at stage "
                      f"{n}, step {r.step}; {r.num_devices} x {r.device_kind})")
+    r.event("start", state, loader, n, kind=start["kind"], stages=[n, start["last"]],
+            origin=r.summary.get("origin"), fingerprint=config_lib.fingerprint(r.cfg),
+            code=fileio.git_commit(), processes=jax.process_count(),
+            devices=f"{r.num_devices} x {r.device_kind}")
+    if start["kind"] != "resume":
+        r.event("stage_start", state, loader, n)
     return state, loader
+
+
+def _origin(directory: Path, step: int) -> dict:
+    """Where an --init_from checkpoint comes from: its path and step, and the release
+    bundle holding it if any (a directory with a MANIFEST.sha256; the bundle's id is that
+    file's sha256, see crystal.release)."""
+    out = dict(path=str(directory / str(step)), step=int(step))
+    for d in Path(directory).resolve().parents:
+        if (d / "MANIFEST.sha256").is_file():
+            out.update(bundle=str(d), bundle_id=fileio.file_sha256(d / "MANIFEST.sha256"))
+            break
+    return out
 
 
 def _enter_stage(r: _Run, n: int, state):
@@ -501,6 +533,8 @@ def _at_boundary(r: _Run, n: int, state, loader, b: _Boundary):
         r.save(state, n, loader, release=b.release, force=b.why is not None, done=b.done)
         if b.release:
             r.plot()
+    if b.done:
+        r.event("stage_end", state, loader, n, skipped_steps=int(r.skipped_total))
     r.t_last = time.perf_counter()      # step_time: data + step, not evals or saves
 
 
@@ -557,11 +591,14 @@ def _rollback(r: _Run, n: int, bad: BadSteps, loader):
                bad_stage_steps=[int(s) for s, _ in bad.steps], in_bad_steps=hits,
                rolled_back_to_step=int(step), time=time.time())
     _quarantine(r, rec)
+    r.step = int(step)
+    r.event("rollback", state, loader, n, to_step=int(step),
+            bad_stage_steps=rec["bad_stage_steps"])
+    r.event("quarantine", state, loader, n, shard=culprit, from_stage_step=from_step)
     r.progress.write(f"warning: {len(bad.steps)} bad steps in stage {n}; rolled back to step "
                      f"{step}, chunk {culprit} quarantined from stage step {from_step} "
                      f"(see {r.workdir / QUARANTINE_FILE})")
     bad.clear()
-    r.step = int(step)
     r.summary["rollbacks"] += 1
     r.open_writer()
     r.t_last = time.perf_counter()
