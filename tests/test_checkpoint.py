@@ -99,10 +99,11 @@ def test_retention_keeps_releases(tmp_path):
     ck.close()
     ck = Checkpointer(tmp_path / "ck")
     assert ck.all_steps() == [3, 6, 10, 11]
-    ck.delete(6)                        # an explicit rollback may remove a release
+    moved = ck.set_aside(6, tmp_path / "aside")   # a rollback sets a release aside, whole
     assert ck.release_steps() == [3] and not (tmp_path / "ck" / "6").exists()
+    assert moved == tmp_path / "aside" / "6" and (moved / "_CHECKPOINT_METADATA").is_file()
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        ck.delete(6)
+        ck.set_aside(6, tmp_path / "aside")
     ck.close()
 
 

@@ -156,17 +156,6 @@ class Checkpointer:
     def release_steps(self) -> list[int]:
         return sorted(s for s in self._releases.steps if s in set(self._mngr.all_steps()))
 
-    def delete(self, step: int):
-        """Deletes one checkpoint, release or not (rolling back a poisoned timeline)."""
-        if self.read_only:
-            raise CheckpointError(f"{self.directory}: opened read-only; cannot delete")
-        step = int(step)
-        if step not in self._mngr.all_steps():
-            raise CheckpointError(f"{self.directory}/{step}: no such checkpoint")
-        self.wait()
-        self._mngr.delete(step)
-        self._releases.steps.discard(step)
-
     def set_aside(self, step: int, dest) -> Path:
         """Moves one checkpoint out of the run into `dest/<step>` (nothing is deleted): a
         rollback sets aside the checkpoints of the timeline it abandons."""
