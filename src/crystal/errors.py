@@ -46,3 +46,8 @@ class MetricsError(CrystalError):
 class ConversionError(CrystalError):
     """A conversion to or from another format (HF, Cerebras) that cannot be done
     faithfully; the message names the tensor, key or field."""
+
+
+class EvalError(CrystalError):
+    """An evaluation that cannot run as asked: code execution not allowed, a sandbox the
+    kernel refuses, an unknown task; the message names the flag, task or isolation."""
