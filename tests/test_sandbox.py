@@ -59,14 +59,6 @@ def snapshot(root: Path) -> dict:
     return out
 
 
-def leftovers(marker: str, wait_s: float = 2.0) -> list[int]:
-    """Processes with `marker` in their command line still alive after `wait_s`."""
-    deadline = time.monotonic() + wait_s
-    while (found := sb.processes_with(marker)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
-
-
 # Each hostile program does its harm, then fails its "test" (as a generated completion
 # would): the kind says what stopped it (exception: the sandbox refused the call;
 # assertion: the call silently did nothing; a limit: timeout, memory, output_limit).
@@ -124,7 +116,8 @@ def test_hostile_program_is_contained(strong, workdir, name):
     assert not r.passed and r.kind in HOSTILE[name][1], (r.kind, r.exception, r.stderr)
     assert r.isolation == strong.isolation.name
     assert snapshot(workdir) == before
-    assert leftovers(MARKER) == [] and leftovers(f"crystal-sandbox-{r.run_id}") == []
+    assert sb.processes_with(MARKER) == []
+    assert sb.processes_with(f"crystal-sandbox-{r.run_id}") == []
     if name == "socket_outside":  # no route at all, not a slow or refused connect
         assert f"[Errno {errno.ENETUNREACH}]" in r.exception, r.exception
     if name == "print_1gb":
@@ -178,7 +171,7 @@ def test_fork_bomb_is_held_to_the_process_limit(strong, workdir):
     assert r.kind == "timeout" and r.seconds < FAST.wall + 1.0
     # the program's processes, plus the launcher and (bwrap, unshare) the outer process
     assert 2 <= peak[0] <= FAST.processes + 3, peak[0]
-    assert leftovers("crystal-sandbox-") == []
+    assert sb.processes_with("crystal-sandbox-") == []
     assert snapshot(workdir) == before
 
 
@@ -204,7 +197,7 @@ def test_hostile_batch_does_not_disturb_good_programs(strong, workdir):
     assert [r.passed for r in results] == [False] * len(names) + [True] * len(good)
     assert [r.kind for r in results[:len(names)]] == [min(HOSTILE[n][1]) for n in names]
     assert snapshot(workdir) == before
-    assert leftovers(MARKER) == [] and leftovers("crystal-sandbox-") == []
+    assert sb.processes_with(MARKER) == [] and sb.processes_with("crystal-sandbox-") == []
 
 
 # ----------------------------------------------------------------------------- plain level
@@ -234,7 +227,7 @@ def test_plain_kills_what_the_program_left_behind(plain):
                   "    os.setsid()\n"
                   "    time.sleep(600)\n", FAST)
     assert r.passed
-    assert leftovers(f"crystal-sandbox-{r.run_id}") == []
+    assert sb.processes_with(f"crystal-sandbox-{r.run_id}") == []
 
 
 # ----------------------------------------------------------------------------- permission

@@ -2,25 +2,26 @@
 
 Why a separate file: `crystal.eval.sandbox` passes this file's text to `python -I -S -c`
 (isolated mode, no site-packages), so it must use the standard library only and never
-import crystal. argv: [-c, CONFIG_JSON, RUN_ID]; RUN_ID is only there so every process
-forked from here carries it in /proc/PID/cmdline (the evaluator and the tests find
-stragglers by it). The program arrives on stdin, which is then pointed at /dev/null.
+import crystal. It imports as little as it can (no json, re or traceback until needed):
+interpreter start-up is most of a short program's cost. argv: [-c, KEY=VALUE, ...], the
+last one `run=crystal-sandbox-RUN_ID`, only there so every process forked from here carries
+it in /proc/PID/cmdline (the evaluator and the tests find stragglers by it). The program
+arrives on stdin, which is then pointed at /dev/null.
 
 Process layout: this process is the parent (pid 1 of its pid namespace under bwrap and
 unshare, where the kernel drops signals that processes inside send to it); it forks the
 child that drops privileges, sets the rlimits and runs the program in-process (no second
 interpreter start). Both write one JSON line each to the status fd: the child what the
 program did ({"pid", "phase", "outcome", "type", "errno", "exception"}), the parent how
-the child ended ({"main", "exit", "signal", "cpu"}). When the parent exits, the pid
-namespace ends and the kernel kills whatever the program left behind.
+the child ended ({"main", "exit", "signal", "cpu"}), each a Python literal (repr) that the
+evaluator reads with ast.literal_eval. When the parent exits, the pid namespace ends and the
+kernel kills whatever the program left behind.
 """
 
-import json
 import os
 import resource
 import sys
 import time
-import traceback
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 32, 1024, 2048, 4096
@@ -76,9 +77,26 @@ def _private_mounts(tmp_dirs, tmp_bytes: int):
         raise OSError(f"mounts left writable: {', '.join(left)}")
 
 
+def _config(argv) -> dict:
+    """KEY=VALUE arguments: uid, cwd, status_fd, tmp_bytes, mounts (colon-separated dirs)
+    and RLIMIT_X=SOFT:HARD."""
+    cfg = {"uid": None, "mounts": [], "rlimits": []}
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.startswith("RLIMIT_"):
+            cfg["rlimits"].append((key, *map(int, value.split(":"))))
+        elif key in ("uid", "status_fd", "tmp_bytes"):
+            cfg[key] = int(value)
+        elif key == "mounts":
+            cfg[key] = value.split(":") if value else []
+        else:
+            cfg[key] = value
+    return cfg
+
+
 def _status(fd: int, record: dict):
     try:
-        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.write(fd, (repr(record) + "\n").encode())
     except OSError:
         pass
 
@@ -86,7 +104,7 @@ def _status(fd: int, record: dict):
 def _limits(cfg: dict):
     if cfg["uid"] is not None:
         os.setgroups([])
-        os.setgid(cfg["gid"])
+        os.setgid(cfg["uid"])
         os.setuid(cfg["uid"])
     for name, soft, hard in cfg["rlimits"]:
         resource.setrlimit(getattr(resource, name), (soft, hard))
@@ -95,10 +113,25 @@ def _limits(cfg: dict):
     os.environ.clear()  # unsetenv too: bwrap sets PWD, Python's locale coercion LC_CTYPE
 
 
-def _describe(e: BaseException) -> dict:
-    lines = traceback.format_exception_only(type(e), e)
-    return {"type": type(e).__name__, "errno": getattr(e, "errno", None),
-            "exception": lines[-1].strip() if lines else type(e).__name__}
+def _report(e: BaseException, record: dict):
+    """The exception's last traceback line into `record`, the traceback (without this
+    file's frame) onto stderr after what the program printed. Each step may fail (memory
+    gone, stderr at its size limit): the status line must still go out."""
+    record["exception"] = record["type"]
+    try:
+        import traceback  # only a failing program pays for it
+        lines = traceback.format_exception_only(type(e), e)
+        record["exception"] = lines[-1].strip() if lines else record["type"]
+    except BaseException:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is sys.stderr:
+                tb = e.__traceback__.tb_next if e.__traceback__ else None
+                traceback.print_exception(type(e), e, tb)
+            stream.flush()
+        except BaseException:
+            pass
 
 
 def _child(cfg: dict, program: bytes):
@@ -117,13 +150,8 @@ def _child(cfg: dict, program: bytes):
         sys.stderr.flush()
         record["outcome"] = "returned"
     except BaseException as e:  # the program's own failure, SystemExit included
-        record.update(outcome="raised", **_describe(e))
-        try:
-            tb = e.__traceback__.tb_next if e.__traceback__ else None  # not this frame
-            traceback.print_exception(type(e), e, tb)
-            sys.stderr.flush()
-        except BaseException:  # stderr full or memory gone: the status line still goes out
-            pass
+        record.update(outcome="raised", type=type(e).__name__, errno=getattr(e, "errno", None))
+        _report(e, record)
     _status(fd, record)
     os._exit(0 if record.get("outcome") == "returned" else 1)
 
@@ -144,10 +172,10 @@ def _wait(pid: int) -> tuple[int, dict]:
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
+    cfg = _config(sys.argv[1:])
     program = _read_program()
-    if cfg["private_mounts"]:
-        _private_mounts(cfg["private_mounts"], cfg["tmp_bytes"])
+    if cfg["mounts"]:
+        _private_mounts(cfg["mounts"], cfg["tmp_bytes"])
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
