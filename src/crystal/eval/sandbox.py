@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import logging
 import os
 import re
 import secrets
@@ -53,12 +54,13 @@ from crystal.errors import EvalError, UsageError
 
 ISOLATIONS = ("bwrap", "unshare", "plain")
 KINDS = ("passed", "assertion", "exception", "syntax", "timeout", "memory", "output_limit",
-         "killed", "early_exit")
+         "killed", "early_exit", "sandbox_error")
 NOBODY = 65534  # the uid (and gid) programs run as when the evaluator is root
 TAIL_BYTES = 4096  # how much of stdout and stderr a Result keeps (the end)
 SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # tmpfs'd by the unshare level
 _LAUNCHER = (Path(__file__).with_name("launcher.py")).read_text()
 _OUTPUT_ERRNOS = (errno.EFBIG, errno.ENOSPC, errno.EDQUOT)
+log = logging.getLogger(__name__)
 
 
 def require_code_execution(allowed: bool) -> None:
@@ -183,11 +185,12 @@ def _probe(isolation: Isolation) -> str | None:
     """Runs a trivial program through `isolation`; None if it passed, else why not."""
     try:
         r = _run(isolation, "import socket\nsocket.gethostname()\n", Limits(cpu_seconds=5))
-    except EvalError as e:
+    except OSError as e:  # e.g. the tool is there but not executable
         return f"{isolation.name}: {e}"
     if r.passed:
         return None
-    last = (r.stderr.strip().splitlines() or [r.exception or r.kind])[-1]
+    lines = r.stderr.strip().splitlines()  # bwrap's and unshare's own complaints land here
+    last = lines[-1] if lines and r.kind != "sandbox_error" else (r.exception or r.kind)
     return f"{isolation.name}: {last}"
 
 
@@ -210,7 +213,9 @@ def detect(force: str | None = None) -> Isolation:
                 if why is None:
                     return isolation
         refused.append(why)
-    raise EvalError(f"sandbox isolation {force!r} refused here: {refused[-1]}")
+    if force is not None:
+        raise EvalError(f"sandbox isolation {force!r} refused here: {refused[-1]}")
+    raise EvalError(f"no sandbox isolation works here: {'; '.join(refused)}")
 
 
 # ----------------------------------------------------------------------------- running
@@ -441,16 +446,26 @@ def _signal_outcome(sig: int, code, cpu, cpu_limit: float) -> Outcome:
     return Outcome("killed", f"killed by {name}", code, sig, cpu)
 
 
+def _is_main(record: dict) -> bool:
+    """A well-formed parent line (anything else, e.g. one a program forged, is skipped)."""
+    return isinstance(record.get("main"), int) and all(
+        record.get(k) is None or isinstance(record.get(k), (int, float))
+        for k in ("exit", "signal", "cpu"))
+
+
 def classify(records: Sequence[dict], code: int, timed_out: bool, stderr: str,
              cpu_limit: float, bwrap: bool = False) -> Outcome:
     """What ended the program, from the launcher's status lines (the child's own account
     of the program, the parent's of how the child ended), else from the wait status and
     the traceback's last line. `code` is Popen's returncode (negative: a signal; bwrap
     reports a signal n as 128 + n)."""
-    main = next((r for r in records if "main" in r), None)
-    prog = next((r for r in records if main and r.get("pid") == main["main"]), None)
-    if prog is not None and prog.get("phase") == "setup":
-        raise EvalError(f"sandbox setup failed: {prog.get('exception')}")
+    mains = [r for r in records if _is_main(r)]
+    main = mains[-1] if mains else None  # the parent writes after the program's end
+    progs = [r for r in records if main and r.get("pid") == main["main"]]
+    prog = progs[-1] if progs else None
+    setup = [r for r in records if r.get("phase") == "setup"]
+    if setup:  # a program can forge this line too, but only to fail itself
+        return Outcome("sandbox_error", str(setup[-1].get("exception", "")), code)
     if timed_out:
         return Outcome("timeout", "wall-clock deadline", None, signal.SIGKILL,
                        main.get("cpu") if main else None)
@@ -466,8 +481,8 @@ def classify(records: Sequence[dict], code: int, timed_out: bool, stderr: str,
         return Outcome("passed", "", 0, None, cpu)
     if prog is not None and prog.get("outcome") == "raised":
         kind = ("syntax" if prog.get("phase") == "compile"
-                else exception_kind(prog.get("type", ""), prog.get("errno")))
-        return Outcome(kind, prog.get("exception", ""), code, None, cpu)
+                else exception_kind(str(prog.get("type", "")), prog.get("errno")))
+        return Outcome(kind, str(prog.get("exception", "")), code, None, cpu)
     if code == 0:
         return Outcome("early_exit", "exited with status 0 before the program's end", 0,
                        None, cpu)
@@ -492,6 +507,8 @@ class Sandbox:
     def __init__(self, allow_code_execution: bool, isolation: str | None = None):
         require_code_execution(allow_code_execution)
         self.isolation = detect(isolation)
+        if self.isolation.refused:  # the user should know their code ran less isolated
+            log.warning("sandbox: running generated code under %s", self.isolation.describe())
 
     def run(self, program: str, limits: Limits = Limits()) -> Result:
         return _run(self.isolation, program, limits)
