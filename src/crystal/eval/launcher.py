@@ -11,7 +11,7 @@ arrives on stdin, which is then pointed at /dev/null.
 Process layout: this process is the parent (pid 1 of its pid namespace under bwrap and
 unshare, where the kernel drops signals that processes inside send to it); it forks the
 child that drops privileges, sets the rlimits and runs the program in-process (no second
-interpreter start). Both write one JSON line each to the status fd: the child what the
+interpreter start). Both write one line each to the status fd: the child what the
 program did ({"pid", "phase", "outcome", "type", "errno", "exception"}), the parent how
 the child ended ({"main", "exit", "signal", "cpu"}), each a Python literal (repr) that the
 evaluator reads with ast.literal_eval. When the parent exits, the pid namespace ends and the

@@ -515,10 +515,12 @@ class Sandbox:
 
     def run_many(self, programs: Sequence[str], limits: Limits | Sequence[Limits] = Limits(),
                  workers: int | None = None) -> list[Result]:
-        """Results in the order of `programs`, at most `workers` (default: one per CPU)
-        running at once; threads only wait, each program is its own process tree."""
+        """Results in the order of `programs`, at most `workers` running at once (never
+        more than one per CPU: more would stretch each program's wall time past its
+        deadline); threads only wait, each program is its own process tree."""
         per = [limits] * len(programs) if isinstance(limits, Limits) else list(limits)
         if len(per) != len(programs):
             raise ValueError(f"{len(programs)} programs but {len(per)} limits")
-        with concurrent.futures.ThreadPoolExecutor(workers or default_workers()) as pool:
+        workers = min(workers or default_workers(), default_workers())
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             return list(pool.map(self.run, programs, per))
