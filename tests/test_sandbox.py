@@ -143,6 +143,7 @@ def test_read_shadow_shows_nothing_of_it(strong):
     except OSError:  # not root: the host file is unreadable to the test as well
         secret = ""
     assert not secret or secret not in r.stdout + r.stderr
+    assert sb.processes_with("crystal-sandbox-") == []
 
 
 def test_local_listener_gets_no_connection(strong):
@@ -157,6 +158,7 @@ def test_local_listener_gets_no_connection(strong):
         assert r.kind == "exception" and "Error" in r.exception, r.exception
         with pytest.raises(BlockingIOError):
             listener.accept()
+    assert sb.processes_with("crystal-sandbox-") == []
 
 
 def test_fork_bomb_is_held_to_the_process_limit(strong, workdir):
