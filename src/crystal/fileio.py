@@ -12,10 +12,13 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import importlib.metadata as md
 import json
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -167,6 +170,16 @@ def cache_root(cfg=None) -> Path:
 
 
 # ----------------------------------------------------------------------------- provenance
+
+
+@functools.cache
+def environment() -> dict:
+    """The software a run ran on: Python, the platform, and every installed distribution as
+    `name==version`, sorted (what `pip freeze` lists), with the list's sha256."""
+    pkgs = sorted({f"{d.metadata['Name']}=={d.version}" for d in md.distributions()
+                   if d.metadata["Name"]}, key=str.lower)
+    return dict(python=sys.version.split()[0], platform=platform.platform(), packages=pkgs,
+                packages_sha256=json_sha256(pkgs))
 
 
 @functools.cache

@@ -129,7 +129,7 @@ def check_workdir(cfg, workdir: Path, claim: bool = True) -> dict | None:
     if not claim:
         return None
     rec = dict(fingerprint=fp, config_name=cfg.name, created=time.time(),
-               config=config_lib.to_json_dict(cfg))
+               config=config_lib.to_json_dict(cfg), environment=fileio.environment())
     fileio.write_json(path, rec, sort_keys=True)
     return rec
 
@@ -343,6 +343,8 @@ def _start(r: _Run, start: dict):
     r.event("start", state, loader, n, kind=start["kind"], stages=[n, start["last"]],
             origin=r.summary.get("origin"), fingerprint=config_lib.fingerprint(r.cfg),
             code=fileio.git_commit(), processes=jax.process_count(),
+            python=fileio.environment()["python"],
+            packages_sha256=fileio.environment()["packages_sha256"],
             devices=f"{r.num_devices} x {r.device_kind}")
     if start["kind"] != "resume":
         r.event("stage_start", state, loader, n)
