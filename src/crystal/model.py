@@ -167,11 +167,41 @@ def _mean_abs(x):
     return jnp.mean(jnp.abs(x.astype(jnp.float32)))
 
 
+def attention_mask(q_slots_BxL, k_slots_BxS, k_valid_BxS=None, q_segments_BxL=None,
+                   k_segments_BxS=None):
+    """Which keys each query sees (B x 1 x L x S bool): causal by slot (a key at or before
+    the query's slot), valid keys only (a KV cache's left padding is not), and, for packed
+    rows, the query's own document only. Training passes slots 0..L-1 for both; a cached
+    decoder passes the new tokens' slots and the cache's."""
+    mask = k_slots_BxS[:, None, :] <= q_slots_BxL[:, :, None]
+    if k_valid_BxS is not None:
+        mask = mask & k_valid_BxS[:, None, :]
+    if q_segments_BxL is not None:
+        mask = mask & (q_segments_BxL[:, :, None] == k_segments_BxS[:, None, :])
+    return mask[:, None]
+
+
+def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, spec: ModelSpec, observe=None):
+    """Softmax attention of L queries over S keys: the one attention of the model, for
+    training (S = L) and for cached decoding (S = the cache). Logits and softmax in float32;
+    `observe(logits)` sees the raw logits (the muP coordinate check's statistic)."""
+    logits_BxHxLxS = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxSxHxK,
+                                preferred_element_type=jnp.float32) * spec.attn_scale
+    if observe is not None:
+        observe(logits_BxHxLxS)
+    logits_BxHxLxS = jnp.where(mask_Bx1xLxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
+    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(spec.dtype)
+    return jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxS, v_BxSxHxK)
+
+
 class Attention(nn.Module):
+    """Multi-head self-attention. With `kv` (this layer's cache: keys and values B x S x H x
+    K and the slot to write), the new keys and values are written into the cache at that
+    slot and the queries attend over the whole cache; returns (out, new kv)."""
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, x_BxLxD, rope, mask_Bx1xLxL):
+    def __call__(self, x_BxLxD, rope, mask_Bx1xLxS, kv=None):
         s, dt = self.spec, self.spec.dtype
         hid, res = trunc_normal(s.std_hidden), trunc_normal(s.std_residual_out)
         qkv = []
@@ -186,19 +216,21 @@ class Attention(nn.Module):
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = qkv
         q_BxLxHxK = apply_rotary(q_BxLxHxK, rope, s)
         k_BxLxHxK = apply_rotary(k_BxLxHxK, rope, s)
-        logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
-                                    preferred_element_type=jnp.float32) * s.attn_scale
-        self.sow("intermediates", "attn_logits", _mean_abs(logits_BxHxLxL))
-        logits_BxHxLxL = jnp.where(mask_Bx1xLxL, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
-        probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(dt)
-        o_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
+        if kv is not None:
+            k_cache, v_cache, slot = kv
+            k_BxLxHxK = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxLxHxK, slot, axis=1)
+            v_BxLxHxK = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxLxHxK, slot, axis=1)
+            kv = (k_BxLxHxK, v_BxLxHxK)
+        o_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxS, s,
+                           observe=lambda a: self.sow("intermediates", "attn_logits",
+                                                      _mean_abs(a)))
         w_HxKxD = _param(self, "w_o", res, (s.num_heads, s.head_dim, s.d_model),
                          ("heads", "head_dim", "embed"))
         out_BxLxD = dense(o_BxLxHxK, w_HxKxD, dt, in_dims=2)
         if s.out_bias:
             out_BxLxD = out_BxLxD + _param(self, "b_o", nn.initializers.zeros, (s.d_model,),
                                            ("embed",)).astype(dt)
-        return out_BxLxD
+        return out_BxLxD, kv
 
 
 class MLP(nn.Module):
@@ -225,31 +257,35 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, new
+    kv) when given this layer's KV cache."""
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, x_BxLxD, rope, mask_Bx1xLxL):
+    def __call__(self, x_BxLxD, rope, mask_Bx1xLxS, kv=None):
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
-        a = Attention(self.spec, name="attn")(Norm(self.spec, name="attn_norm")(x_BxLxD),
-                                              rope, mask_Bx1xLxL)
+        a, kv = Attention(self.spec, name="attn")(Norm(self.spec, name="attn_norm")(x_BxLxD),
+                                                  rope, mask_Bx1xLxS, kv)
         self.sow("intermediates", "attn_out", _mean_abs(a))
         x_BxLxD = x_BxLxD + a
         f = MLP(self.spec, name="mlp")(Norm(self.spec, name="mlp_norm")(x_BxLxD))
         self.sow("intermediates", "mlp_out", _mean_abs(f))
         x_BxLxD = x_BxLxD + f
         self.sow("intermediates", "residual", _mean_abs(x_BxLxD))
-        return x_BxLxD
+        return x_BxLxD, kv
 
 
 class ScannedBlock(nn.Module):
+    """One layer as a scan body: the carry is (x, rope, mask, cache slot); the scanned input
+    and output are the layer's (keys, values) cache, or None without a cache."""
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, carry, _):
-        x_BxLxD, rope, mask_Bx1xLxL = carry
-        x_BxLxD = Block(self.spec, name="block")(x_BxLxD, rope, mask_Bx1xLxL)
-        return (x_BxLxD, rope, mask_Bx1xLxL), None
+    def __call__(self, carry, kv_layer):
+        x_BxLxD, rope, mask_Bx1xLxS, slot = carry
+        kv = None if kv_layer is None else (*kv_layer, slot)
+        x_BxLxD, kv = Block(self.spec, name="block")(x_BxLxD, rope, mask_Bx1xLxS, kv)
+        return (x_BxLxD, rope, mask_Bx1xLxS, slot), kv
 
 
 _REMAT = {
@@ -263,20 +299,36 @@ class Transformer(nn.Module):
     """Embedding, the blocks, the final norm: final hidden states B x L x D in the compute
     dtype. The output head's params live here too (`lm_head`, unless tied), but the logits
     are computed outside the module (`logits`), so a loss or a decoder can project only the
-    rows it needs."""
+    rows it needs.
+
+    With a `cache` (see `init_cache`), the L tokens are written at cache slots
+    cache['index'] .. + L - 1 and attend to every valid slot up to their own; returns
+    (hidden, the updated cache)."""
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, cache=None):
         s, dt = self.spec, self.spec.dtype
         B, L = tokens_BxL.shape
+        slots_1xL = jnp.arange(L, dtype=jnp.int32)[None]
+        if cache is None:
+            kv, slot = None, None
+            mask_Bx1xLxS = attention_mask(slots_1xL, slots_1xL)
+            if s.segment_mask and segment_ids_BxL is not None:
+                mask_Bx1xLxS = attention_mask(slots_1xL, slots_1xL, None, segment_ids_BxL,
+                                              segment_ids_BxL)
+        else:
+            kv, slot = (cache["k"], cache["v"]), cache["index"]
+            q_slots_BxL = jnp.broadcast_to(slots_1xL + slot, (B, L))
+            k_slots_BxS = jnp.broadcast_to(jnp.arange(cache_length(cache), dtype=jnp.int32),
+                                           (B, cache_length(cache)))
+            mask_Bx1xLxS = attention_mask(q_slots_BxL, k_slots_BxS,
+                                          k_slots_BxS >= cache["start"][:, None])
+            if positions_BxL is None:   # a row's first valid slot is its position 0
+                positions_BxL = jnp.maximum(q_slots_BxL - cache["start"][:, None], 0)
         if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+            positions_BxL = jnp.broadcast_to(slots_1xL, (B, L))
         rope = rotary_table(positions_BxL, s)
-        mask_Bx1xLxL = jnp.tril(jnp.ones((L, L), dtype=bool))[None, None]
-        if s.segment_mask and segment_ids_BxL is not None:
-            same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-            mask_Bx1xLxL = mask_Bx1xLxL & same[:, None]
         emb_VxD = _param(self, "embedding", trunc_normal(s.std_embedding),
                          (s.vocab_size, s.d_model), ("vocab", "embed"))
         x_BxLxD = (jnp.take(emb_VxD, tokens_BxL, axis=0) * s.embedding_multiplier).astype(dt)
@@ -285,19 +337,26 @@ class Transformer(nn.Module):
         block = ScannedBlock
         if s.remat != "none":
             block = nn.remat(block, policy=_REMAT[s.remat], prevent_cse=not s.scan_layers)
-        carry = (x_BxLxD, rope, mask_Bx1xLxL)
+        carry = (x_BxLxD, rope, mask_Bx1xLxS, slot)
         if s.scan_layers:
-            carry, _ = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
-                               split_rngs={"params": True}, length=s.num_layers,
-                               metadata_params={nn.PARTITION_NAME: "layers"})(
-                                   s, name="layers")(carry, None)
+            carry, kv = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                                split_rngs={"params": True}, length=s.num_layers,
+                                metadata_params={nn.PARTITION_NAME: "layers"})(
+                                    s, name="layers")(carry, kv)
         else:
+            new = []
             for i in range(s.num_layers):
-                carry, _ = block(s, name=f"layers_{i}")(carry, None)
+                carry, kv_i = block(s, name=f"layers_{i}")(
+                    carry, None if kv is None else (kv[0][i], kv[1][i]))
+                new.append(kv_i)
+            kv = None if kv is None else tuple(tuple(x) for x in zip(*new))
         if not s.tie_embeddings:
             _param(self, "lm_head", trunc_normal(s.std_output), (s.d_model, s.vocab_size),
                    ("embed", "vocab"))
-        return Norm(s, name="final_norm")(carry[0])
+        h_BxLxD = Norm(s, name="final_norm")(carry[0])
+        if cache is None:
+            return h_BxLxD
+        return h_BxLxD, dict(cache, k=kv[0], v=kv[1], index=slot + L)
 
 
 def output_head(params, cfg):
@@ -346,13 +405,40 @@ def logical_axes(cfg):
     return nn.get_partition_spec(boxed)
 
 
+def init_cache(cfg, batch: int, length: int, start_B=None) -> dict:
+    """An empty KV cache of `length` slots for `batch` rows: keys and values (compute dtype,
+    B x S x H x K per layer; stacked on a leading layers axis when layers are scanned, a
+    tuple of per-layer arrays when unrolled), the next slot to write (`index`) and each
+    row's first valid slot (`start`: a left-padded prompt's first real token; the slots
+    before it are never attended to). Rotary positions count from `start`."""
+    spec = ModelSpec.from_config(cfg)
+    shape = (batch, length, spec.num_heads, spec.head_dim)
+    if spec.scan_layers:
+        k = v = jnp.zeros((spec.num_layers, *shape), spec.dtype)
+    else:
+        k = v = tuple(jnp.zeros(shape, spec.dtype) for _ in range(spec.num_layers))
+    start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B,
+                                                                                 jnp.int32)
+    return dict(k=k, v=v, index=jnp.zeros([], jnp.int32), start=start_B)
+
+
+def cache_length(cache) -> int:
+    """The number of slots S of a KV cache."""
+    return cache["k"][0].shape[1]   # layer 0's B x S x H x K, in either layout
+
+
 def hidden(params, tokens_BxL, cfg, positions_BxL=None, segment_ids_BxL=None,
-           capture_intermediates: bool = False):
+           capture_intermediates: bool = False, cache=None):
     """Final hidden states (B x L x D, compute dtype, after the final norm). Pure.
 
     With capture_intermediates, returns (hidden, {name: mean |activation|}) for the muP
-    coordinate check; scanned layers give one value per layer."""
+    coordinate check; scanned layers give one value per layer. With a KV `cache`
+    (`init_cache`), the tokens go into the cache at its `index` and the call returns
+    (hidden, the updated cache): prefill with the prompt, then one token per call."""
     mod = _module(cfg)
+    if cache is not None:
+        return mod.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL,
+                         cache)
     if capture_intermediates:
         h, state = mod.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL,
                              mutable=["intermediates"])
