@@ -1,8 +1,24 @@
 """Amber 7B (LLM360): the LLaMA-7B architecture, one stage, cosine schedule.
 
 Every number is from shared/reference/llm360.md. Steps: 1.26T tokens / (2240 x 2048).
+
+Amber's published data mix (billions of tokens; the mixture normalises the weights), mapped
+onto crystal's data groups (docs/data.md): RefinedWeb is filtered CommonCrawl, so it reads
+the CommonCrawl set; C4, ArXiv, Books, Wikipedia and StackExchange read their RedPajama
+sets (both SlimPajama halves); StarCoder reads every StarCoder language. Amber took its code
+from StarCoder only, so RedPajama's GitHub set is not in the mix.
 """
 from crystal.config import base_config, mixture_component, _stage
+
+AMBER_MIX = {  # component: (data groups, billions of tokens)
+    "refinedweb": ("slimpajama.*.RedPajamaCommonCrawl", 665),
+    "starcoder": ("starcoder.*", 292),
+    "c4": ("slimpajama.*.RedPajamaC4", 198),
+    "arxiv": ("slimpajama.*.RedPajamaArXiv", 30),
+    "book": ("slimpajama.*.RedPajamaBook", 29),
+    "wikipedia": ("slimpajama.*.RedPajamaWikipedia", 24),
+    "stackexchange": ("slimpajama.*.RedPajamaStackExchange", 22),
+}
 
 
 def get_config():
@@ -42,6 +58,7 @@ def get_config():
 
     s = _stage(steps=274_658, warmup=2000, peak_lr=3e-4, end_lr=3e-5, kind="cosine")
     s.init = "scratch"
-    s.mixture.all = mixture_component("*", 1.0)
+    for name, (groups, billions) in AMBER_MIX.items():
+        s.mixture[name] = mixture_component(groups, float(billions))
     c.stages.stage_1 = s
     return c

@@ -48,9 +48,18 @@ def get_config():
     c.data.workers = 16
     c.data.loader_workers = 4    # FIM re-tokenising: see docs/loader.md (Speed)
 
+    # The optimizer LLM360 ran (Cerebras Model Zoo 1.9.1 AdamW, docs/training.md): decay
+    # 0.1 coupled to each group's LR (hidden matrices LR x 0.0625), none on biases and
+    # norms; eps added before bias correction; the LR list read at the step before each
+    # update (the first update has LR 0); loss divided by the fixed B x 2048.
     c.optim.eps = 1e-9
     c.optim.weight_decay = 0.1
+    c.optim.wd_mask = "matrices"
     c.optim.clip_norm = 1.0
+    c.optim.rule = "cerebras"
+    c.optim.eps_placement = "before_correction"
+    c.optim.schedule_index = "step"
+    c.train.loss_denominator = "batch"
     c.train.global_batch_size = 2112
     c.train.grad_accum = 1
     c.checkpoint.every_steps = 1500
@@ -64,6 +73,7 @@ def get_config():
     s2.mixture.slimpajama = mixture_component("slimpajama.odd.*", 0.372)
     s2.mixture.starcoder = mixture_component("starcoder.*", 0.628, epochs=2, fim_rate=0.9)
     s3 = _stage(steps=27_728, warmup=276, peak_lr=0.002, end_lr=2e-4, decay_steps=27_452)
+    s3.reset_optimizer = True    # phase 3: is_pretrained_checkpoint (fresh Adam state)
     for lang, w in (("python", 0.3427), ("html", 0.1854), ("javascript", 0.1837),
                     ("css", 0.0879)):
         s3.mixture[lang] = mixture_component(f"starcoder.{lang}", w, epochs=3, fim_rate=0.3)

@@ -10,7 +10,7 @@ import pytest
 from model_fixtures import random_params
 
 from crystal import config as config_lib
-from crystal import hf
+from crystal.interop import hf_classes, tree
 from crystal import model as model_lib
 from crystal import mup as mup_lib
 
@@ -143,11 +143,11 @@ def test_rotary_is_relative_and_partial(pairing, fraction):
 
 
 def test_interleaved_is_rotate_half_after_the_hf_permutation():
-    """The permutation crystal.hf uses is the exact change of layout."""
+    """The permutation crystal.interop uses is the exact change of layout."""
     c_i = config_lib.load("crystalcoder_tiny")  # 8 of 32 dims, interleaved
     c_h = config_lib.load("crystalcoder_tiny", {"model.rotary_pairing": "half"})
     s_i, s_h = spec_of(c_i), spec_of(c_h)
-    perm = hf.rotary_perm(s_i)
+    perm = hf_classes.rotary_perm(s_i)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((B, L, 4, s_i.head_dim)),
                     jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(L), (B, L))
@@ -212,7 +212,7 @@ def test_mup_init_stds_follow_the_rules():
 def test_scan_and_unrolled_layers_agree(cc):
     cfg, p = cc
     cfg_u = config_lib.load("crystalcoder_tiny", {"model.scan_layers": False})
-    p_u = hf.with_layout(jax.tree.map(np.asarray, p), scan_layers=False)
+    p_u = tree.with_layout(jax.tree.map(np.asarray, p), scan_layers=False)
     assert jax.tree.map(np.shape, p_u) == jax.tree.map(lambda s: s.shape,
                                                        model_lib.abstract_params(cfg_u))
     toks = tokens_()

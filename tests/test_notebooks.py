@@ -29,4 +29,7 @@ def test_explore_run_notebook_executes(tmp_path):
     assert "restored step 8" in r.stdout
     assert "param dtypes on disk: {'float32'}" in r.stdout
     assert "-extractable" in r.stdout
-    assert "wrote" in r.stdout or "not expressible in transformers" in r.stdout
+    # the trained CrystalCoder (non-zero attention-output and FFN biases) leaves in LLM360's
+    # own layout and comes back bit for bit
+    assert "wrote llm360 layout" in r.stdout
+    assert "round trip bitwise: True" in r.stdout

@@ -267,6 +267,18 @@ class Checkpointer:
         return jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
 
+    def restore_params(self, step: int | None = None):
+        """(params, meta) of `step` (default: the latest), params only: the optimizer moments
+        (twice the params' size) are never read. Arrays land on the host CPU device."""
+        step = self._step_or_latest(step)
+        target = {"params": self.abstract_state(step)["params"]}
+        with ocp.PyTreeCheckpointer() as reader:
+            state = reader.restore(
+                self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
+        return state["params"], self.read_meta(step)
+
     def restore(self, step: int | None = None, abstract_state=None):
         """Returns (state, data_state, meta) of `step` (default: the latest).
 

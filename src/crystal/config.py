@@ -40,6 +40,10 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 ROTARY_PAIRINGS = ("half", "interleaved")
 SCHEDULE_KINDS = ("linear", "cosine")
 WD_MASKS = ("matrices", "all")
+OPTIM_RULES = ("mup", "cerebras")
+EPS_PLACEMENTS = ("after_correction", "before_correction")
+SCHEDULE_INDEXES = ("update", "step")
+LOSS_DENOMINATORS = ("tokens", "batch")
 
 
 def _locked(d: dict, *open_children: str) -> ml_collections.ConfigDict:
@@ -145,11 +149,24 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=0.1,
         wd_mask="matrices",       # 'matrices' (no decay on norms/biases) | 'all' (Amber)
         clip_norm=1.0,
+        rule="mup",               # weight decay per muP class: 'mup' (microsoft/mup's
+                                  # MuAdamW: wd / the class's LR multiplier, so lr x wd is
+                                  # the same at every width) | 'cerebras' (Model Zoo 1.9.1
+                                  # as LLM360 ran it: wd as is, coupled to the class's LR)
+        eps_placement="after_correction",  # 'after_correction' (optax: m^ / (sqrt(v^) +
+                                  # eps)) | 'before_correction' (Cerebras: m / (sqrt(v) +
+                                  # eps) x sqrt(1 - b2^k) / (1 - b1^k))
+        schedule_index="update",  # the warmup point of a stage's k-th update (k = 1, 2,
+                                  # ..): 'update' (peak x k / warmup) | 'step' (Cerebras:
+                                  # peak x (k - 1) / warmup, the first update has LR 0)
     ))
 
     c.train = ml_collections.ConfigDict(dict(
         global_batch_size=16,     # sequences per optimizer step
         grad_accum=1,             # micro-batches per step
+        loss_denominator="tokens",  # what the summed token losses are divided by: 'tokens'
+                                  # (the batch's unmasked tokens) | 'batch' (rows x seq_len,
+                                  # fixed: Cerebras loss_scaling=batch_size, loss_weight=1/msl)
         stage=0,                  # 0: every stage in order; N: from stage N
         log_every=1,
         eval_every=0,             # 0: at stage ends only
@@ -293,11 +310,15 @@ def _check_optim(c):
     if o.weight_decay < 0:
         _fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay!r}")
     _one_of(o.wd_mask, WD_MASKS, "optim.wd_mask", "mask")
+    _one_of(o.rule, OPTIM_RULES, "optim.rule", "rule")
+    _one_of(o.eps_placement, EPS_PLACEMENTS, "optim.eps_placement", "placement")
+    _one_of(o.schedule_index, SCHEDULE_INDEXES, "optim.schedule_index", "index")
 
 
 def _check_train(c):
     tr = c.train
     _ints(tr, "train", ("global_batch_size", "grad_accum"))
+    _one_of(tr.loss_denominator, LOSS_DENOMINATORS, "train.loss_denominator", "denominator")
     if tr.global_batch_size % tr.grad_accum:
         _fail("train.grad_accum", f"{tr.grad_accum} micro-batches do not divide "
               f"global_batch_size={tr.global_batch_size}")
@@ -412,8 +433,14 @@ def _locked_key_error(e: Exception) -> str | None:
 def read(name_or_path) -> ml_collections.ConfigDict:
     """A config file's `get_config()`, unvalidated: how one config file builds on another
     (the tiny configs start from their 7B twins). A field the schema lacks is an error
-    naming the file and line."""
+    naming the file and line. A `.json` file is a recorded config (`crystal_config.json`
+    written by crystal.interop, or a run's run.json): its `config` entry or the whole file."""
     path = config_path(str(name_or_path))
+    if path.suffix == ".json":
+        d = fileio.read_json(path, ConfigError)
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {path}: not a JSON object")
+        return from_json_dict(d.get("config", d) if "fingerprint" in d else d, where=str(path))
     spec = importlib.util.spec_from_file_location(f"crystal_config_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     try:
@@ -569,16 +596,37 @@ def to_json_dict(cfg) -> dict:
     return json.loads(cfg.to_json())
 
 
+def _with_defaults(d: dict, defaults: dict) -> dict:
+    """`d` with the fields it lacks taken from `defaults` (recursively): a config recorded
+    before a field existed ran with that field's default."""
+    out = dict(defaults, **d)
+    for k, v in defaults.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            out[k] = _with_defaults(d[k], v)
+    return out
+
+
+def _recorded(d: dict) -> dict:
+    base = to_json_dict(base_config())
+    stage = {k: v for k, v in to_json_dict(_stage()).items() if k != "mixture"}
+    d = _with_defaults({k: v for k, v in d.items() if k != "stages"}, base) | {
+        "stages": {name: _with_defaults(s, stage) if isinstance(s, dict) else s
+                   for name, s in d.get("stages", {}).items()}}
+    return d
+
+
 def from_json_dict(d: dict, where: str = "") -> ml_collections.ConfigDict:
-    """A recorded config (run.json, a checkpoint's meta) back as a validated, locked
-    config; fields the schema lacks are an error naming `where`."""
+    """A recorded config (run.json, a checkpoint's meta, an imported model's
+    crystal_config.json) back as a validated, locked config; fields the schema lacks are an
+    error naming `where`, fields it gained since the record was written take their
+    defaults."""
     def conv(x):
         if isinstance(x, dict):
             return ml_collections.ConfigDict({k: conv(v) for k, v in x.items()})
         if isinstance(x, list):
             return tuple(conv(v) for v in x)
         return x
-    cfg = conv(d)
+    cfg = conv(_recorded(d))
     check_schema(cfg, where=f"{where}: " if where else "")
     return with_overrides(cfg)
 

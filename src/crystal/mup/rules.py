@@ -5,9 +5,11 @@ width. The model reads init stds and multipliers from here, the optimizer reads 
 weight-decay multipliers from here; standard parametrization (SP) is the same code with
 muP off (every multiplier 1, attention 1/sqrt(d_head), one init std).
 
-Weight-decay rule (microsoft/mup's MuAdamW): optax's decoupled decay is `lr * wd * p`, so
-scaling a class's LR by m would scale its decay by m too. We keep `lr * wd` fixed across
-widths instead: a class whose LR is multiplied by m gets weight decay divided by m.
+Weight-decay rule (`optim.rule`): optax's decoupled decay is `lr * wd * p`, so scaling a
+class's LR by m scales its decay by m too. 'mup' (microsoft/mup's MuAdamW) keeps `lr * wd`
+fixed across widths instead: a class whose LR is multiplied by m gets weight decay divided
+by m. 'cerebras' (Model Zoo 1.9.1, what LLM360 ran for CrystalCoder) leaves wd as it is, so
+the hidden matrices decay m times weaker than the embedding.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Rules:
     logit_multiplier: float    # output_alpha x width_scale under muP
     init_std: dict             # class -> std (truncated normal at 2 sigma)
     lr_mult: dict              # class -> Adam LR multiplier
-    wd_mult: dict              # class -> weight-decay multiplier (keeps lr x wd constant)
+    wd_mult: dict              # class -> weight-decay multiplier ('mup': 1 / lr_mult)
     attn_scale_power: float    # scores x head_dim ** -power: 1 (muP) or 0.5 (SP)
 
     def attn_scale(self, head_dim: int) -> float:
@@ -55,7 +57,8 @@ def rules(cfg, width: int | None = None) -> Rules:
     init = dict(embedding=std, output=std, vector=std,
                 hidden=hidden_std, residual_out=hidden_std / math.sqrt(2 * m.num_layers))
     lr = dict(embedding=1.0, output=1.0, vector=1.0, hidden=scale, residual_out=scale)
-    wd = {k: 1.0 / v for k, v in lr.items()}
+    coupled = cfg.optim.rule == "cerebras"
+    wd = {k: 1.0 if coupled else 1.0 / v for k, v in lr.items()}
     return Rules(True, width, int(mu.base_width), width_mult, scale,
                  float(mu.embedding_multiplier), float(mu.output_alpha) * scale,
                  init, lr, wd, 1.0)

@@ -38,10 +38,12 @@ class TrainState:
         return cls(step=d["step"], params=d["params"], opt_state=d["opt_state"], rng=d["rng"])
 
 
-def init_state(cfg, key, optimizer: optax.GradientTransformation) -> TrainState:
-    """Fresh params from `cfg` and a fresh optimizer state. Pure: jit/eval_shape it."""
+def init_state(cfg, key, optimizer: optax.GradientTransformation, params=None) -> TrainState:
+    """Fresh params from `cfg` (or the given ones: an imported model) and a fresh optimizer
+    state, at step 0. Pure: jit/eval_shape it."""
     k_params, k_rng = jax.random.split(key)
-    params = model_lib.init(cfg, k_params)
+    if params is None:
+        params = model_lib.init(cfg, k_params)
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
                       opt_state=optimizer.init(params), rng=jax.random.key_data(k_rng))
 
@@ -128,14 +130,24 @@ def _accumulate(grad_fn, params, batch, accum: int, num_sources: int):
     return g_sum, loss_sum, aux, jnp.swapaxes(row_loss_AxR, 0, 1).reshape(-1)
 
 
+def loss_denominator(cfg):
+    """`(batch, unmasked tokens) -> n`, what the summed token losses (and their gradients)
+    are divided by (train.loss_denominator): the batch's unmasked tokens ('tokens'), or
+    LLM360's fixed rows x seq_len ('batch': Cerebras `loss_scaling: batch_size` with
+    `loss_weight: 1/msl`), the same for every batch whatever its FIM padding."""
+    if cfg.train.loss_denominator == "batch":
+        return lambda batch, tokens: jnp.asarray(batch["loss_mask"].size, jnp.float32)
+    return lambda batch, tokens: jnp.maximum(tokens, 1.0)
+
+
 def make_train_step(cfg, optimizer: optax.GradientTransformation, num_sources: int = 1):
     """A pure `step(state, batch) -> (state, metrics)`.
 
     The batch (global_batch_size rows) is split into `train.grad_accum` micro-batches
-    whose token-loss gradients are summed; dividing by the total token count gives the same
-    update as the one large batch. A non-finite loss or gradient norm leaves params and
-    optimizer state unchanged (`metrics['skipped'] = 1`); the step counter still advances,
-    since the data did.
+    whose token-loss gradients are summed; dividing by the batch's denominator
+    (`loss_denominator`) gives the same update as the one large batch. A non-finite loss
+    or gradient norm leaves params and optimizer state unchanged (`metrics['skipped'] = 1`);
+    the step counter still advances, since the data did.
 
     `batch['poison']` (per-row floats added to loss and gradients; NaN injects a fault) is
     how `train.fault_nan_chunks` and the tests make a data chunk's steps go bad.
@@ -143,6 +155,7 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, num_sources: i
     spec = model_lib.ModelSpec.from_config(cfg)
     accum = int(cfg.train.grad_accum)
     grad_fn = jax.grad(lambda p, b: loss_sums(p, b, spec, num_sources), has_aux=True)
+    denominator = loss_denominator(cfg)
 
     def step(state: TrainState, batch):
         batch = _step_inputs(batch)
@@ -154,7 +167,7 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, num_sources: i
             row_loss_B = row_loss_B + poison_B
             loss_sum = loss_sum + jnp.sum(poison_B)
             g_sum = jax.tree.map(lambda g: g + jnp.sum(poison_B), g_sum)
-        n = jnp.maximum(aux["tokens"], 1.0)
+        n = denominator(batch, aux["tokens"])
         grads = jax.tree.map(lambda g: g / n, g_sum)
         loss = loss_sum / n
         grad_norm = _global_norm(grads)
@@ -174,7 +187,7 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, num_sources: i
             update_norm=jnp.where(ok, _global_norm(updates), 0.0),
             param_norm=_global_norm(state.params),
             schedule_step=optim_lib.schedule_count(state.opt_state),
-            lr=optim_lib.current_lr(state.opt_state),
+            lr=optim_lib.current_lr(state.opt_state, cfg.optim.schedule_index),
             skipped=(~ok).astype(jnp.int32),
             row_finite=jnp.isfinite(row_loss_B),   # which rows' data made a step go bad
         )
