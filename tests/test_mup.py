@@ -22,9 +22,12 @@ def test_rules_reproduce_crystalcoder_7b_constants():
     assert r.init_std["residual_out"] == pytest.approx(0.00228125, rel=1e-12)
     assert r.lr_mult["hidden"] == r.lr_mult["residual_out"] == pytest.approx(0.0625)
     assert r.lr_mult["embedding"] == r.lr_mult["vector"] == r.lr_mult["output"] == 1.0
-    for c in mup.CLASSES:  # lr x wd constant across widths
-        assert r.lr_mult[c] * r.wd_mult[c] == pytest.approx(1.0)
+    # LLM360's Cerebras AdamW (optim.rule='cerebras'): decay 0.1 as is, coupled to the LR
+    assert set(r.wd_mult.values()) == {1.0}
     assert r.attn_scale(128) == pytest.approx(1 / 128)
+    m = mup.rules(config_lib.load("configs/crystalcoder_7b.py", {"optim.rule": "mup"}))
+    for c in mup.CLASSES:  # microsoft/mup's rule: lr x wd constant across widths
+        assert m.lr_mult[c] * m.wd_mult[c] == pytest.approx(1.0)
 
 
 def test_sp_is_the_same_code_with_mup_off():
@@ -52,7 +55,8 @@ def test_transfer_tool_prints_llm360_values(capsys):
     assert transfer.main(["--config=configs/crystalcoder_7b.py", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["init_std"]["residual_out"] == pytest.approx(0.00228125)
-    assert d["stages"]["stage_1"]["classes"]["hidden"]["weight_decay"] == pytest.approx(1.6)
+    # LLM360 decayed the hidden matrices by 0.1 at LR x 0.0625 (not microsoft/mup's 1.6)
+    assert d["stages"]["stage_1"]["classes"]["hidden"]["weight_decay"] == pytest.approx(0.1)
     n = sum(g["count"] for g in d["groups"].values())
     assert 6.4e9 < n < 6.7e9  # CrystalCoder 7B: ~6.58B parameters
     assert "layers/block/mlp/w_down" in d["groups"]["residual_out"]["params"]
