@@ -1,5 +1,6 @@
 """Configs load and validate; a bad value is a one-line error naming the field, from the
 Python API and from the absl CLI; `crystal.info` prints the counts users quote."""
+import json
 import os
 import subprocess
 import sys
@@ -47,6 +48,10 @@ BAD = [
     ({"model.norm_eps": -1e-5}, "model.norm_eps"),
     ({"mup.base_width": 0}, "mup.base_width"),
     ({"model.vocab_size": 1024}, "model.vocab_size"),         # cannot hold 2000 + 18 tokens
+    ({"optim.rule": "adafactor"}, "optim.rule"),
+    ({"optim.eps_placement": "inside"}, "optim.eps_placement"),
+    ({"optim.schedule_index": "epoch"}, "optim.schedule_index"),
+    ({"train.loss_denominator": "rows"}, "train.loss_denominator"),
 ]
 
 
@@ -56,6 +61,33 @@ def test_bad_value_is_one_line_naming_the_field(override, field):
         config_lib.load("crystalcoder_tiny", override)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"config field {field}:"), msg
+
+
+def test_llm360_optimizer_and_amber_mix_are_the_published_ones():
+    c, a = config_lib.load("crystalcoder_7b"), config_lib.load("amber_7b")
+    assert (c.optim.rule, c.optim.eps_placement, c.optim.schedule_index,
+            c.train.loss_denominator) == ("cerebras", "before_correction", "step", "batch")
+    assert [config_lib.stage(c, n).reset_optimizer for n in (1, 2, 3)] == [False, False, True]
+    mix = {k: v.weight for k, v in a.stages.stage_1.mixture.items()}
+    assert mix == {"refinedweb": 665, "starcoder": 292, "c4": 198, "arxiv": 30, "book": 29,
+                   "wikipedia": 24, "stackexchange": 22}          # billions of tokens
+    assert a.optim.wd_mask == "all"
+
+
+def test_recorded_configs_load_from_json(tmp_path):
+    """A config recorded as JSON (run.json, crystal_config.json) loads with --config; one
+    recorded before a field existed gets that field's default."""
+    d = config_lib.to_json_dict(config_lib.load("crystalcoder_tiny"))
+    del d["optim"]["rule"], d["train"]["loss_denominator"]
+    del d["stages"]["stage_1"]["reset_optimizer"]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    cfg = config_lib.load(str(tmp_path / "old.json"), {"train.global_batch_size": "8"})
+    assert (cfg.optim.rule, cfg.train.loss_denominator) == ("mup", "tokens")
+    assert cfg.stages.stage_1.reset_optimizer is False and cfg.train.global_batch_size == 8
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"fingerprint": "x", "config": dict(d, optim=dict(d["optim"], nope=1))}))
+    with pytest.raises(config_lib.ConfigError, match=r"run.json: config field optim.nope"):
+        config_lib.load(str(tmp_path / "run.json"))
 
 
 def test_unknown_field_and_missing_file():
