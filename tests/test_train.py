@@ -96,9 +96,10 @@ def _random_batch(cfg, rows, seed=0):
 @functools.cache
 def _jitted_step(accum):
     """The real AdamW step; eps = 1 keeps Adam's update a smooth function of the gradient
-    (at eps 1e-9, m / sqrt(v) of a near-zero gradient amplifies float rounding)."""
+    (at eps 1e-9, m / sqrt(v) of a near-zero gradient amplifies float rounding); the
+    'update' schedule index gives the first update a non-zero LR (LLM360's 'step' does not)."""
     cfg = make_cfg(**{"train.grad_accum": accum, "optim.eps": 1.0,
-                      "model.compute_dtype": "float32"})
+                      "model.compute_dtype": "float32", "optim.schedule_index": "update"})
     opt = optim.make_optimizer(cfg, 1)
     return cfg, opt, jax.jit(train.make_train_step(cfg, opt, num_sources=3))
 
@@ -156,7 +157,12 @@ def test_default_stages_resume_bit_identical_and_float32_checkpoints(env):
     lf, lp = losses(full), losses(part)
     assert sorted(lf) == sorted(lp) == list(range(1, 14))
     assert all(lf[s] == lp[s] for s in lf), {s: (lf[s], lp[s]) for s in lf if lf[s] != lp[s]}
-    assert np.mean([lf[s] for s in (11, 12, 13)]) < np.mean([lf[s] for s in (1, 2, 3)])
+    # LLM360's schedule index: each stage's first update runs at LR 0 (Cerebras' LR list at
+    # the step before it; stage 3 also starts from fresh Adam moments), then it moves
+    recs = {r["step"]: r for r in map(json.loads, (full / "metrics.jsonl").read_text()
+                                      .splitlines()) if "loss" in r}
+    assert [recs[s]["lr"] for s in (1, 7, 13)] == [0.0, 0.0, 0.0]
+    assert recs[1]["update_norm"] == 0.0 and recs[2]["lr"] > 0 and recs[2]["update_norm"] > 0
 
     sf, df, mf, step = read_state(full)
     sp, dp, mp, _ = read_state(part)

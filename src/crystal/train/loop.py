@@ -243,7 +243,8 @@ class _Run:
         data chunk) and the base LR of the next update."""
         self.ledger.record(event, step=self.step, stage=n, stage_step=loader.step,
                            chunk=loader.chunk_of_step(min(loader.step, loader.steps - 1)),
-                           lr=float(optim_lib.current_lr(state.opt_state)),
+                           lr=float(optim_lib.current_lr(state.opt_state,
+                                                         self.cfg.optim.schedule_index)),
                            tokens_seen=int(self.tokens_seen), **fields)
 
     def loader(self, n: int) -> loader_lib.StageLoader:
