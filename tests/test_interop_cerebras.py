@@ -174,6 +174,9 @@ def _broken(tmp_path, name, change, source=PHASES[0]):
 
 
 def test_bad_params_are_one_line_errors(tmp_path, capsys):
+    assert cerebras.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "import --params" in text and "export --config" in text
     def lr(d):
         return d["optimizer"]["learning_rate"]
     cases = [

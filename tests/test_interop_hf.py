@@ -368,6 +368,10 @@ def _bad_folders(src: Path, root: Path):
 
 
 def test_bad_folders_are_one_line_errors(tmp_path, capsys):
+    assert hf.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(w in text for w in ("export CHECKPOINT", "import HF_DIR", "--layout",
+                                   "--max_shard_size"))
     cfg = config_lib.load("crystalcoder_tiny", {"model.num_layers": 2})
     params = crystal_params(cfg)
     src = tmp_path / "good"

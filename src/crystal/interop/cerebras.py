@@ -98,8 +98,16 @@ def _main(a):
     return 0
 
 
+HELP = """Cerebras Model Zoo params.yaml to and from crystal configs (docs/interop.md).
+
+  import --params=P1.yaml,... --out=X.json   one stage per phase; --config is the base for
+                                             what a params.yaml does not say (default:
+                                             configs/crystalcoder_7b.py)
+  export --config=FILE --stage=N --out=P.yaml   one stage in the rel-1.9 format"""
+
+
 def main(argv=None):
-    return cli.run(_main, doc=__doc__.split("\n\n")[0], flags=FLAGS,
+    return cli.run(_main, doc=HELP, flags=FLAGS,
                    config=cli.CONFIG_OPTIONAL, argv=argv,
                    prog="python -m crystal.interop.cerebras")
 

@@ -367,8 +367,16 @@ def _main(a):
     return 0
 
 
+HELP = """Crystal checkpoints to Hugging Face folders and back (docs/interop.md).
+
+  export CHECKPOINT OUT   the checkpoint's params and its own config (no --config)
+  import HF_DIR OUT       OUT/checkpoints/0 + OUT/crystal_config.json; --config is the base
+                          for what config.json does not say (default: the folder's
+                          crystal_config.json, else configs/crystalcoder_7b.py or amber_7b.py)"""
+
+
 def main(argv=None):
-    return cli.run(_main, doc=__doc__.split("\n\n")[0], flags=FLAGS,
+    return cli.run(_main, doc=HELP, flags=FLAGS,
                    config=cli.CONFIG_OPTIONAL, argv=argv, prog="python -m crystal.interop.hf")
 
 
