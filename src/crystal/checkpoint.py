@@ -26,6 +26,7 @@ the rest is JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -267,6 +268,18 @@ class Checkpointer:
         return jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
 
+    def restore_params(self, step: int | None = None):
+        """(params, meta) of `step` (default: the latest), params only: the optimizer moments
+        (twice the params' size) are never read. Arrays land on the host CPU device."""
+        step = self._step_or_latest(step)
+        target = {"params": self.abstract_state(step)["params"]}
+        with ocp.PyTreeCheckpointer() as reader:
+            state = reader.restore(
+                self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
+        return state["params"], self.read_meta(step)
+
     def restore(self, step: int | None = None, abstract_state=None):
         """Returns (state, data_state, meta) of `step` (default: the latest).
 
@@ -282,6 +295,19 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         return out["state"], out["data"], out["meta"]
+
+
+def params_sha256(params) -> str:
+    """The content hash of a param tree: sha256 over every leaf's path, dtype, shape and
+    bytes, leaves in path order. Two checkpoints hash the same iff their params are equal
+    bit for bit, whatever else (optimizer state, metadata) they hold."""
+    h = hashlib.sha256()
+    for path, x in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                          key=lambda px: jax.tree_util.keystr(px[0])):
+        a = np.ascontiguousarray(np.asarray(x))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _host_device():
