@@ -29,6 +29,7 @@ from crystal import sharding as sharding_lib
 from crystal.data import replay
 from crystal.data.tokenizer import EOS_ID
 from crystal.errors import CheckpointError, UsageError
+from crystal.train.loop import enable_compilation_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Generator:
     def from_checkpoint(cls, path, mesh_flag: str = "", config_file: str | None = None,
                         overrides: dict | None = None) -> "Generator":
         cfg, params, workdir = load_checkpoint(path, config_file, overrides)
+        enable_compilation_cache(cfg)
         mesh = sharding_lib.mesh_from_flag(cfg, mesh_flag)
         return cls(decode_lib.Decoder(params, cfg, mesh), replay.run_tokenizer(workdir))
 

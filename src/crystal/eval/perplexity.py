@@ -11,12 +11,14 @@ token), perplexity; the metrics are `SOURCE/loss` and `loss` (all sources' token
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import numpy as np
 
 from crystal import fileio
+from crystal import model as model_lib
 from crystal.data import loader as loader_lib
 from crystal.eval import figures
 from crystal.eval.tasks import Result, Task
@@ -58,13 +60,19 @@ def _batches(batch: dict, size: int):
         yield part
 
 
+@functools.cache
+def _eval_step(spec):
+    """The jitted eval step of a model shape, compiled once per process (every sweep and
+    checkpoint of that shape shares it)."""
+    return jax.jit(step_lib.make_eval_step(spec))
+
+
 def evaluate(ckpt, params, cfg, ctx) -> Result:
     s = ctx.settings
     key = ("perplexity", s["rows_per_source"])
     if key not in ctx.cache:
-        ctx.cache[key] = (heldout_set(cfg, ctx.workdir, s["rows_per_source"]),
-                          jax.jit(step_lib.make_eval_step(cfg)))
-    sources, eval_fn = ctx.cache[key]
+        ctx.cache[key] = heldout_set(cfg, ctx.workdir, s["rows_per_source"])
+    sources, eval_fn = ctx.cache[key], _eval_step(model_lib.ModelSpec.from_config(cfg))
     body, metrics, tot, cnt = {}, {}, 0.0, 0.0
     for g, src in sources.items():
         loss_sum = tokens = 0.0

@@ -38,6 +38,7 @@ from crystal.data import replay
 from crystal.errors import CheckpointError, UsageError
 from crystal.eval import records as rec_lib
 from crystal.eval import tasks as tasks_lib
+from crystal.train.loop import enable_compilation_cache
 
 
 @dataclasses.dataclass
@@ -167,6 +168,7 @@ def sweep(workdir, names, checkpoints: str = "release", shard=(0, 1), seed: int 
     if not workdir.is_dir():
         raise UsageError(f"--workdir={workdir}: no such directory")
     cfg = replay.run_config(workdir)
+    enable_compilation_cache(cfg)     # a re-run or another shard skips XLA compilation
     flags = dict(flags or {})
     jobs = _jobs(workdir, names, settings, seed, flags)
     reader = open_checkpoints(workdir)
