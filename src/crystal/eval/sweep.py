@@ -250,11 +250,11 @@ def _summarize(workdir: Path, cfg, jobs, seed, flags, cache) -> list[str]:
                                    r["checkpoint"]["meta_sha256"]] for r in recs])
         last = fileio.read_json(marker) if marker.exists() else {}
         if job.new == 0 and last.get("records") == key and \
-                all(Path(p).exists() for p in last.get("files", ())):
+                all((marker.parent / f).exists() for f in last.get("files", ())):
             continue
         ctx = job.ctx or tasks_lib.Context(workdir, cfg, job.settings, seed, flags, cache,
                                            None)
-        files = [str(p) for p in job.task.summarize(recs, rec_lib.evals_dir(workdir), ctx)]
-        fileio.write_json(marker, dict(records=key, files=files))
-        out += files
+        files = [Path(p) for p in job.task.summarize(recs, marker.parent, ctx)]
+        fileio.write_json(marker, dict(records=key, files=[f.name for f in files]))
+        out += [str(f) for f in files]
     return out
