@@ -98,7 +98,8 @@ def test_a_second_sweep_does_nothing(swept):
 def test_two_shards_write_the_records_of_one_sweep(swept, copy_run):
     wd, _ = swept
     for i in (1, 0):
-        r = sweep.sweep(copy_run, TASKS, shard=(i, 2), settings=SMALL, progress=False)
+        r = sweep.sweep(copy_run, TASKS, shard=(i, 2), settings=SMALL, progress=False,
+                        figures=False)
         assert r["checkpoints"] == list(range(1 + i, 9, 2))
     assert record_files(copy_run) == record_files(wd)
 
@@ -106,7 +107,7 @@ def test_two_shards_write_the_records_of_one_sweep(swept, copy_run):
 def test_a_killed_sweep_rerun_completes_with_the_same_records(swept, copy_run):
     wd, _ = swept
     cmd = [sys.executable, "-m", "crystal.eval", f"--workdir={copy_run}",
-           f"--settings={','.join(SMALL)}", "--noprogress"]
+           f"--settings={','.join(SMALL)}", "--noprogress", "--nofigures"]
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          start_new_session=True)
     t0 = time.time()
@@ -116,16 +117,15 @@ def test_a_killed_sweep_rerun_completes_with_the_same_records(swept, copy_run):
     p.wait()
     assert 3 <= len(record_files(copy_run)) < 16
     assert not list(records.evals_dir(copy_run).rglob(".*.tmp-*"))   # nothing half-written
-    r = sweep.sweep(copy_run, TASKS, settings=SMALL, progress=False)
+    r = sweep.sweep(copy_run, TASKS, settings=SMALL, progress=False, figures=False)
     assert r["evaluated"] == 16 - r["skipped"] and r["skipped"] >= 3
     assert record_files(copy_run) == record_files(wd)
 
 
 def test_other_settings_write_beside_and_a_resaved_checkpoint_is_evaluated_again(copy_run):
-    sweep.sweep(copy_run, ["perplexity"], "8", settings=["perplexity.rows_per_source=2"],
-                progress=False)
-    sweep.sweep(copy_run, ["perplexity"], "8", settings=["perplexity.rows_per_source=3"],
-                progress=False)
+    for rows in (2, 3):
+        sweep.sweep(copy_run, ["perplexity"], "8", settings=[f"perplexity.rows_per_source={rows}"],
+                    progress=False, figures=False)
     assert len(list((records.evals_dir(copy_run) / "perplexity").glob("*/step_*.json"))) == 2
     # A checkpoint saved again at the same step (a rolled-back timeline) is another
     # checkpoint: its record is recomputed, the old one set aside, not overwritten.
@@ -133,7 +133,7 @@ def test_other_settings_write_beside_and_a_resaved_checkpoint_is_evaluated_again
     m = json.loads(meta.read_text())
     meta.write_text(json.dumps(dict(m, wallclock=m["wallclock"] + 1)))
     r = sweep.sweep(copy_run, ["perplexity"], "8", settings=["perplexity.rows_per_source=2"],
-                    progress=False)
+                    progress=False, figures=False)
     assert r["evaluated"] == 1
     assert len(list((records.evals_dir(copy_run) / "perplexity").glob("*/superseded/*"))) == 1
 

@@ -32,6 +32,7 @@ FLAGS = (
              bool, False),
     cli.Flag("mesh", "data=D,fsdp=F,tensor=T: params and decoding on a device mesh "
              "(default: one device)", str, ""),
+    cli.Flag("figures", "redraw the figures WORKDIR/evals/*.png at the end", bool, True),
     cli.Flag("progress", "a progress bar on a terminal", bool, True),
 )
 
@@ -42,7 +43,8 @@ def main(argv=None):
         mesh = sharding_lib.mesh_from_flag(replay.run_config(a.workdir), a.mesh) \
             if a.mesh else None
         r = sweep.sweep(a.workdir, a.tasks, a.checkpoints, shard, a.seed, a.settings,
-                        dict(allow_code_execution=a.allow_code_execution), mesh, a.progress)
+                        dict(allow_code_execution=a.allow_code_execution), mesh, a.progress,
+                        a.figures)
         what = "nothing to do" if not r["evaluated"] else f"{r['evaluated']} evaluated"
         print(f"crystal.eval: {what}, {r['skipped']} already done over "
               f"{len(r['checkpoints'])} checkpoints (shard {shard[0]}/{shard[1]}); records "

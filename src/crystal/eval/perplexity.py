@@ -27,24 +27,26 @@ from crystal.train import step as step_lib
 DEFAULTS = dict(rows_per_source=64, batch_size=16)
 
 
-def heldout_set(cfg, workdir, rows_per_source: int) -> dict[str, dict]:
-    """{group: batch of its held-out examples (the loader's fields) + 'sha256' of the
-    rows' tokens}, for every group with a validation split, groups sorted."""
+def heldout_set(cfg, workdir, rows_per_source: int) -> dict:
+    """The held-out set: {'sources': [group, ...] (sorted, those with a validation split),
+    'batch': every source's rows, in that order, as the loader's fields with `source_id` the
+    source's index, 'sha256': {group: hash of its rows' tokens}, 'files': {group: its
+    val.npy's sha256 from the manifest}}."""
     manifest, _ = loader_lib.read_manifest(workdir)
     reader = loader_lib.ExampleReader(workdir, manifest, None, cfg.seed, 1,
                                       cfg.data.fim_spm_rate)
-    out = {}
+    sources, examples, sha, files = [], [], {}, {}
     for gi, g in enumerate(sorted(manifest["groups"])):
         val = manifest["groups"][g].get("val")
         n = min(int(rows_per_source), int(val["num_sequences"]) if val else 0)
         if n == 0:
             continue
-        batch = loader_lib.collate([reader(dict(index=j, component=-1, group=gi, chunk=-1,
-                                                row=j, epoch=0)) for j in range(n)])
-        tokens = np.ascontiguousarray(reader.array(gi, -1)[:n])
-        out[g] = dict(batch=batch, sha256=fileio.sha256_bytes(tokens.tobytes()),
-                      file_sha256=val["sha256"])
-    return out
+        examples += [dict(reader(dict(index=j, component=-1, group=gi, chunk=-1, row=j,
+                                      epoch=0)), source_id=len(sources)) for j in range(n)]
+        sha[g] = fileio.sha256_bytes(np.ascontiguousarray(reader.array(gi, -1)[:n]).tobytes())
+        files[g] = val["sha256"]
+        sources.append(g)
+    return dict(sources=sources, batch=loader_lib.collate(examples), sha256=sha, files=files)
 
 
 def _batches(batch: dict, size: int):
@@ -52,7 +54,7 @@ def _batches(batch: dict, size: int):
     n = batch["inputs"].shape[0]
     for i in range(0, n, size):
         part = {k: batch[k][i:i + size] for k in ("inputs", "targets", "loss_mask",
-                                                    "segment_ids")}
+                                                    "segment_ids", "source_id")}
         pad = size - part["inputs"].shape[0]
         if pad:
             part = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
@@ -61,10 +63,13 @@ def _batches(batch: dict, size: int):
 
 
 @functools.cache
-def _eval_step(spec):
-    """The jitted eval step of a model shape, compiled once per process (every sweep and
-    checkpoint of that shape shares it)."""
-    return jax.jit(step_lib.make_eval_step(spec))
+def _source_sums(spec, num_sources: int):
+    """Jitted (params, batch) -> (loss sum, token count) per source: the training loss's
+    own per-source sums (train.step.loss_sums), compiled once per process and shape."""
+    def sums(params, batch):
+        _, aux = step_lib.loss_sums(params, batch, spec, num_sources)
+        return aux["source_loss"], aux["source_tokens"]
+    return jax.jit(sums)
 
 
 def evaluate(ckpt, params, cfg, ctx) -> Result:
@@ -72,23 +77,24 @@ def evaluate(ckpt, params, cfg, ctx) -> Result:
     key = ("perplexity", s["rows_per_source"])
     if key not in ctx.cache:
         ctx.cache[key] = heldout_set(cfg, ctx.workdir, s["rows_per_source"])
-    sources, eval_fn = ctx.cache[key], _eval_step(model_lib.ModelSpec.from_config(cfg))
-    body, metrics, tot, cnt = {}, {}, 0.0, 0.0
-    for g, src in sources.items():
-        loss_sum = tokens = 0.0
-        for b in _batches(src["batch"], int(s["batch_size"])):
-            ls, tk = eval_fn(params, b)
-            loss_sum, tokens = loss_sum + float(ls), tokens + float(tk)
-        loss = loss_sum / max(tokens, 1.0)
-        body[g] = dict(rows=int(src["batch"]["inputs"].shape[0]), tokens=int(tokens),
-                       loss=loss, perplexity=math.exp(min(loss, 700.0)))
+    held = ctx.cache[key]
+    n = len(held["sources"])
+    fn = _source_sums(model_lib.ModelSpec.from_config(cfg), n)
+    loss_S, tokens_S = np.zeros(n), np.zeros(n)
+    for b in _batches(held["batch"], int(s["batch_size"])):
+        ls, tk = jax.device_get(fn(params, b))
+        loss_S, tokens_S = loss_S + ls, tokens_S + tk
+    body, metrics = {}, {}
+    for i, g in enumerate(held["sources"]):
+        loss = float(loss_S[i] / max(tokens_S[i], 1.0))
+        body[g] = dict(rows=int(np.sum(held["batch"]["source_id"] == i)),
+                       tokens=int(tokens_S[i]), loss=loss,
+                       perplexity=math.exp(min(loss, 700.0)))
         metrics[f"{g}/loss"] = loss
-        tot, cnt = tot + loss_sum, cnt + tokens
-    metrics["loss"] = tot / max(cnt, 1.0)
-    inputs = dict(eval_set_sha256=fileio.json_sha256({g: v["sha256"] for g, v in
-                                                      sources.items()}),
-                  sources={g: dict(rows_sha256=v["sha256"], val_file_sha256=v["file_sha256"])
-                           for g, v in sources.items()})
+    metrics["loss"] = float(loss_S.sum() / max(tokens_S.sum(), 1.0))
+    inputs = dict(eval_set_sha256=fileio.json_sha256(held["sha256"]),
+                  sources={g: dict(rows_sha256=held["sha256"][g],
+                                   val_file_sha256=held["files"][g]) for g in held["sources"]})
     return Result(metrics=metrics, inputs=inputs, body=dict(sources=body))
 
 

@@ -160,10 +160,11 @@ class _Params:
 
 def sweep(workdir, names, checkpoints: str = "release", shard=(0, 1), seed: int = 0,
           settings=(), flags: dict | None = None, mesh=None, progress: bool = True,
-          out=print) -> dict:
+          figures: bool = True, out=print) -> dict:
     """Evaluates; returns {'evaluated', 'skipped', 'figures', 'checkpoints'} (see the
     module docstring). flags: sweep-wide switches tasks may need ({'allow_code_execution':
-    True}); mesh: a jax Mesh for params and decoding (None: the default device)."""
+    True}); mesh: a jax Mesh for params and decoding (None: the default device); figures:
+    False leaves the figures to a later sweep (shards of a big sweep need draw only once)."""
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise UsageError(f"--workdir={workdir}: no such directory")
@@ -178,7 +179,8 @@ def sweep(workdir, names, checkpoints: str = "release", shard=(0, 1), seed: int 
                              out)
     finally:
         reader.close()
-    done["figures"] = _summarize(workdir, cfg, jobs, seed, flags, done.pop("cache"))
+    cache = done.pop("cache")
+    done["figures"] = _summarize(workdir, cfg, jobs, seed, flags, cache) if figures else []
     return done
 
 
