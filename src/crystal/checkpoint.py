@@ -26,6 +26,7 @@ the rest is JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -294,6 +295,19 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         return out["state"], out["data"], out["meta"]
+
+
+def params_sha256(params) -> str:
+    """The content hash of a param tree: sha256 over every leaf's path, dtype, shape and
+    bytes, leaves in path order. Two checkpoints hash the same iff their params are equal
+    bit for bit, whatever else (optimizer state, metadata) they hold."""
+    h = hashlib.sha256()
+    for path, x in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                          key=lambda px: jax.tree_util.keystr(px[0])):
+        a = np.ascontiguousarray(np.asarray(x))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _host_device():

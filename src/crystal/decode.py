@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -31,7 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from crystal import config as config_lib
-from crystal import hf as layout_lib
+from crystal.interop import tree as layout_lib
 from crystal import model as model_lib
 from crystal import sharding as sharding_lib
 from crystal.data.tokenizer import EOS_ID
@@ -92,8 +93,57 @@ def unrolled(cfg) -> ml_collections.ConfigDict:
                                      {"model.scan_layers": False})
 
 
+def _next(logits_BxV, state, temperature, top_p, greedy, nucleus):
+    """Chooses token `state['count']` of every row and records it."""
+    t = state["count"]
+    keys_B = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(state["key"], r), t))(
+        state["row_ids"])
+    tok_B = choose(logits_BxV, keys_B, temperature, top_p, greedy, nucleus)
+    tok_B = jnp.where(state["done"], EOS_ID, tok_B)
+    out = jax.lax.dynamic_update_index_in_dim(state["out"], tok_B, t, axis=1)
+    done = state["done"] | ((tok_B == EOS_ID) & state["stop_at_eos"])
+    return dict(state, out=out, count=t + 1, done=done, last=tok_B)
+
+
+def _logits(params, h_BxD, spec):
+    return model_lib.logits(h_BxD, model_lib.output_head(params, spec), spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "length", "greedy", "nucleus"))
+def _prefill(params, tokens_BxP, start_B, row_ids_B, key_data, stop_at_eos, temperature,
+             top_p, spec, length, greedy, nucleus):
+    """The prompts into a fresh cache of `length` slots; the first new token chosen."""
+    B, Pn = tokens_BxP.shape
+    cache = model_lib.init_cache(spec, B, length, start_B)
+    h_BxPxD, cache = model_lib.hidden(params, tokens_BxP, spec, cache=cache)
+    state = dict(cache=cache, out=jnp.full((B, length - Pn + 1), EOS_ID, jnp.int32),
+                 count=jnp.zeros([], jnp.int32), done=jnp.zeros((B,), bool),
+                 last=jnp.zeros((B,), jnp.int32), row_ids=row_ids_B,
+                 key=jax.random.wrap_key_data(key_data), stop_at_eos=stop_at_eos)
+    return _next(_logits(params, h_BxPxD[:, -1], spec), state, temperature, top_p, greedy,
+                 nucleus)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "segment", "greedy", "nucleus"),
+                   donate_argnums=(1,))
+def _decode(params, state, limit, temperature, top_p, spec, segment, greedy, nucleus):
+    """Up to `segment` steps, while fewer than `limit` tokens and a row is live."""
+    end = jnp.minimum(state["count"] + segment, limit)
+
+    def live(s):
+        return (s["count"] < end) & ~jnp.all(s["done"])
+
+    def step(s):
+        h_Bx1xD, cache = model_lib.hidden(params, s["last"][:, None], spec, cache=s["cache"])
+        return _next(_logits(params, h_Bx1xD[:, 0], spec), dict(s, cache=cache), temperature,
+                     top_p, greedy, nucleus)
+    return jax.lax.while_loop(live, step, state)
+
+
 class Decoder:
-    """Prefill + cached decoding for one model; see the module docstring."""
+    """Prefill + cached decoding for one model; see the module docstring. The compiled
+    programs are shared by every Decoder of the same model shape (a sweep over checkpoints
+    compiles once)."""
 
     def __init__(self, params, cfg, mesh=None, segment: int = 32):
         self.cfg = unrolled(cfg)
@@ -106,53 +156,6 @@ class Decoder:
             specs = sharding_lib.param_specs(self.cfg, mesh)
             self.params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
                                        host, specs)
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("length", "greedy",
-                                                                   "nucleus"))
-        self._decode = jax.jit(self._segment_fn, static_argnames=("greedy", "nucleus"),
-                               donate_argnums=(1,))
-
-    # ------------------------------------------------------------------ device programs
-
-    def _next(self, logits_BxV, state, temperature, top_p, greedy, nucleus):
-        """Chooses token `state['count']` of every row and records it."""
-        t = state["count"]
-        keys_B = jax.vmap(lambda r: jax.random.fold_in(
-            jax.random.fold_in(state["key"], r), t))(state["row_ids"])
-        tok_B = choose(logits_BxV, keys_B, temperature, top_p, greedy, nucleus)
-        tok_B = jnp.where(state["done"], EOS_ID, tok_B)
-        out = jax.lax.dynamic_update_index_in_dim(state["out"], tok_B, t, axis=1)
-        done = state["done"] | ((tok_B == EOS_ID) & state["stop_at_eos"])
-        return dict(state, out=out, count=t + 1, done=done, last=tok_B)
-
-    def _logits(self, params, h_BxD):
-        return model_lib.logits(h_BxD, model_lib.output_head(params, self.spec), self.spec)
-
-    def _prefill_fn(self, params, tokens_BxP, start_B, row_ids_B, key_data, stop_at_eos,
-                    temperature, top_p, length, greedy, nucleus):
-        B, Pn = tokens_BxP.shape
-        cache = model_lib.init_cache(self.spec, B, length, start_B)
-        h_BxPxD, cache = model_lib.hidden(params, tokens_BxP, self.spec, cache=cache)
-        state = dict(cache=cache, out=jnp.full((B, length - Pn + 1), EOS_ID, jnp.int32),
-                     count=jnp.zeros([], jnp.int32), done=jnp.zeros((B,), bool),
-                     last=jnp.zeros((B,), jnp.int32), row_ids=row_ids_B,
-                     key=jax.random.wrap_key_data(key_data), stop_at_eos=stop_at_eos)
-        return self._next(self._logits(params, h_BxPxD[:, -1]), state, temperature, top_p,
-                          greedy, nucleus)
-
-    def _segment_fn(self, params, state, limit, temperature, top_p, greedy, nucleus):
-        """Up to `self.segment` steps, while fewer than `limit` tokens and a row is live."""
-        end = jnp.minimum(state["count"] + self.segment, limit)
-
-        def live(s):
-            return (s["count"] < end) & ~jnp.all(s["done"])
-
-        def step(s):
-            h_Bx1xD, cache = model_lib.hidden(params, s["last"][:, None], self.spec,
-                                              cache=s["cache"])
-            s = dict(s, cache=cache)
-            return self._next(self._logits(params, h_Bx1xD[:, 0]), s, temperature, top_p,
-                              greedy, nucleus)
-        return jax.lax.while_loop(live, step, state)
 
     # ------------------------------------------------------------------ host side
 
@@ -198,9 +201,10 @@ class Decoder:
         flags = dict(greedy=sampling.greedy, nucleus=sampling.top_p < 1)
         knobs = (jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p))
         with self._mesh_ctx():
-            state = self._prefill(self.params, self._rows(tokens_BxP), self._rows(start_B),
-                                  self._rows(row_ids.astype(np.int32)), key_data,
-                                  jnp.asarray(bool(stop_at_eos)), *knobs, length=S, **flags)
+            state = _prefill(self.params, self._rows(tokens_BxP), self._rows(start_B),
+                             self._rows(row_ids.astype(np.int32)), key_data,
+                             jnp.asarray(bool(stop_at_eos)), *knobs, spec=self.spec, length=S,
+                             **flags)
             stopped_at = np.full(B, -1)
             while True:
                 count, done = int(state["count"]), np.asarray(state["done"])
@@ -215,8 +219,8 @@ class Decoder:
                         state["done"] = self._rows(done | (stopped_at >= 0))
                         if (done | (stopped_at >= 0)).all():
                             break
-                state = self._decode(self.params, state, jnp.int32(max_new_tokens), *knobs,
-                                     **flags)
+                state = _decode(self.params, state, jnp.int32(max_new_tokens), *knobs,
+                                spec=self.spec, segment=self.segment, **flags)
         out = np.asarray(state["out"])[:, :min(int(state["count"]), max_new_tokens)].tolist()
         return [_finish(row, int(at), stop_at_eos) for row, at in zip(out, stopped_at)]
 

@@ -266,6 +266,14 @@ class StageLoader:
         b, P = self.batch_size_per_process, self.process_count
         return self._examples.batch(b, batch_fn=collate)[self.process_index::P]
 
+    def example(self, index: int) -> dict:
+        """The training example of global record `index`: row index % B of the global batch
+        of step index // B (what the step trained on, FIM and quarantine included)."""
+        if not 0 <= index < self.mixture.num_records:
+            raise DataError(f"record {index}: stage {self.stage} has records "
+                            f"0..{self.mixture.num_records - 1}")
+        return self._examples[int(index)]
+
     def global_batch(self, step: int) -> dict:
         if not 0 <= step < self.steps:
             raise DataError(f"step {step}: stage {self.stage} has steps 0..{self.steps - 1}")

@@ -47,13 +47,18 @@ def run_config(workdir, config_file: str | None = None, overrides: dict | None =
     return cfg_lib.with_overrides(cfg_lib.from_json_dict(man["config"], str(where)), overrides)
 
 
-def decoder(workdir):
-    """ids -> text with special tokens spelled out, by the run's own tokenizer."""
+def run_tokenizer(workdir):
+    """The run's own tokenizer (data/tokenizer.model with the manifest's special tokens)."""
     from crystal.data.tokenizer import Tokenizer
     man, _ = loader_lib.read_manifest(workdir)
     tok = man["tokenizer"]
     return Tokenizer.load(loader_lib.data_dir(workdir) / tok.get("path", "tokenizer.model"),
-                          tuple(tok.get("special_tokens", ()))).decode
+                          tuple(tok.get("special_tokens", ())))
+
+
+def decoder(workdir):
+    """ids -> text with special tokens spelled out, by the run's own tokenizer."""
+    return run_tokenizer(workdir).decode
 
 
 def save_npz(path, batch: dict, group_names):

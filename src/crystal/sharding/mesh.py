@@ -119,6 +119,23 @@ def parse_mesh_flag(text: str) -> dict:
     return out
 
 
+def mesh_from_flag(cfg, text: str) -> Mesh | None:
+    """The mesh of a tool's `--mesh=data=D,fsdp=F,tensor=T` (axes not named are 1) over the
+    first D x F x T devices, the config's rules mapping params to it; None for ''."""
+    if not text:
+        return None
+    sizes = {a: 1 for a in MESH_AXES} | parse_mesh_flag(text)
+    n = math.prod(sizes.values())
+    if n > len(jax.devices()):
+        raise ShardingError(f"--mesh={text}: {n} devices needed, {len(jax.devices())} here")
+    c = cfg.copy_and_resolve_references()
+    c.unlock()
+    c.mesh.preset = ""
+    for a, v in sizes.items():
+        c.mesh[a] = v
+    return make_mesh(c, jax.devices()[:n])
+
+
 # ----------------------------------------------------------------------------- rules
 
 

@@ -542,12 +542,15 @@ def _at_boundary(r: _Run, n: int, state, loader, b: _Boundary):
 
 
 def _evaluate(r: _Run, params, loader) -> dict:
-    """Mean validation loss per data group of the stage, and over all its groups."""
+    """Mean validation loss per data group and over all groups: every group of the run at
+    every evaluation, not only the stage's, so the eval curves of all stages are on one
+    fixed held-out set and comparable (a stage's mixture changes what it trains on, not
+    what it is measured on)."""
     n = int(r.cfg.train.eval_batches)
     if n <= 0:
         return {}
     out, tot, cnt = {}, 0.0, 0.0
-    for g, batches in loader.val_batches(n).items():
+    for g, batches in loader.val_batches(n, groups=r.group_names).items():
         s = c = 0.0
         for b in batches:
             gb = sharding_lib.global_batch({k: v for k, v in b.items()
