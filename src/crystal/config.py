@@ -37,6 +37,7 @@ STARCODER_SPECIAL_TOKENS = (
 NORM_TYPES = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blocked")
 ROTARY_PAIRINGS = ("half", "interleaved")
 SCHEDULE_KINDS = ("linear", "cosine")
 WD_MASKS = ("matrices", "all")
@@ -106,6 +107,11 @@ def base_config() -> ml_collections.ConfigDict:
         remat="none",
         scan_layers=True,
         segment_mask=False,       # document-aware attention for packed sequences
+        attention="auto",         # 'auto' | 'xla' | 'cudnn' | 'blocked' (crystal/attention.py;
+                                  # auto: cuDNN fused on NVIDIA GPUs, causal blocks on CPU)
+        loss_chunk=512,           # sequence positions per chunk of the output projection +
+                                  # cross-entropy, forward and backward (the float32 logits
+                                  # of one chunk live at a time); 0: the whole sequence
     ))
 
     c.mup = ml_collections.ConfigDict(dict(
@@ -268,6 +274,11 @@ def _check_model(c):
     if m.param_dtype != "float32":
         _fail("model.param_dtype", "master params are float32 (optimizer precision)")
     _one_of(m.remat, REMAT_POLICIES, "model.remat", "policy")
+    _one_of(m.attention, ATTENTION_IMPLEMENTATIONS, "model.attention", "implementation")
+    if m.attention == "cudnn" and m.compute_dtype not in ("bfloat16", "float16"):
+        _fail("model.attention", f"cuDNN attention needs a 16-bit compute_dtype, not "
+              f"{m.compute_dtype!r} (use 'auto' or 'xla')")
+    _ints(m, "model", ("loss_chunk",), minimum=0)
     if not m.init_std > 0:
         _fail("model.init_std", f"must be > 0, got {m.init_std!r}")
 
@@ -293,6 +304,9 @@ def _check_data(c):
     _ints(d, "data", ("loader_workers", "loader_threads", "loader_prefetch"), minimum=0)
     if d.seq_len > c.model.max_seq_len:
         _fail("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}")
+    chunk = c.model.loss_chunk
+    if 0 < chunk < d.seq_len and d.seq_len % chunk:
+        _fail("model.loss_chunk", f"{chunk} does not divide data.seq_len={d.seq_len}")
     if not (0.0 <= d.val_fraction < 1.0):
         _fail("data.val_fraction", f"must be in [0, 1), got {d.val_fraction!r}")
     _one_of(d.on_bad_record, ("fail", "skip"), "data.on_bad_record", "policy")

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from crystal import attention as attention_lib
 from crystal import config as config_lib
 from crystal import mup as mup_lib
 
@@ -45,6 +46,8 @@ class ModelSpec:
     remat: str
     scan_layers: bool
     segment_mask: bool
+    attention: str
+    loss_chunk: int
     embedding_multiplier: float
     logit_multiplier: float
     attn_scale: float
@@ -68,7 +71,8 @@ class ModelSpec:
             rotary_dims=config_lib.rotary_dims(cfg), rotary_base=float(m.rotary_base),
             rotary_pairing=m.rotary_pairing, tie_embeddings=bool(m.tie_embeddings),
             compute_dtype=m.compute_dtype, remat=m.remat, scan_layers=bool(m.scan_layers),
-            segment_mask=bool(m.segment_mask),
+            segment_mask=bool(m.segment_mask), attention=m.attention,
+            loss_chunk=int(m.loss_chunk),
             embedding_multiplier=r.embedding_multiplier, logit_multiplier=r.logit_multiplier,
             attn_scale=r.attn_scale(hd), std_embedding=r.init_std["embedding"],
             std_hidden=r.init_std["hidden"], std_residual_out=r.init_std["residual_out"],
@@ -167,33 +171,6 @@ def _mean_abs(x):
     return jnp.mean(jnp.abs(x.astype(jnp.float32)))
 
 
-def attention_mask(q_slots_BxL, k_slots_BxS, k_valid_BxS=None, q_segments_BxL=None,
-                   k_segments_BxS=None):
-    """Which keys each query sees (B x 1 x L x S bool): causal by slot (a key at or before
-    the query's slot), valid keys only (a KV cache's left padding is not), and, for packed
-    rows, the query's own document only. Training passes slots 0..L-1 for both; a cached
-    decoder passes the new tokens' slots and the cache's."""
-    mask = k_slots_BxS[:, None, :] <= q_slots_BxL[:, :, None]
-    if k_valid_BxS is not None:
-        mask = mask & k_valid_BxS[:, None, :]
-    if q_segments_BxL is not None:
-        mask = mask & (q_segments_BxL[:, :, None] == k_segments_BxS[:, None, :])
-    return mask[:, None]
-
-
-def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, spec: ModelSpec, observe=None):
-    """Softmax attention of L queries over S keys: the one attention of the model, for
-    training (S = L) and for cached decoding (S = the cache). Logits and softmax in float32;
-    `observe(logits)` sees the raw logits (the muP coordinate check's statistic)."""
-    logits_BxHxLxS = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxSxHxK,
-                                preferred_element_type=jnp.float32) * spec.attn_scale
-    if observe is not None:
-        observe(logits_BxHxLxS)
-    logits_BxHxLxS = jnp.where(mask_Bx1xLxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(spec.dtype)
-    return jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxS, v_BxSxHxK)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention. With `kv` (this layer's cache: keys and values B x S x H x
     K and the slot to write), the new keys and values are written into the cache at that
@@ -201,7 +178,7 @@ class Attention(nn.Module):
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, x_BxLxD, rope, mask_Bx1xLxS, kv=None):
+    def __call__(self, x_BxLxD, rope, visibility, kv=None):
         s, dt = self.spec, self.spec.dtype
         hid, res = trunc_normal(s.std_hidden), trunc_normal(s.std_residual_out)
         qkv = []
@@ -221,9 +198,13 @@ class Attention(nn.Module):
             k_BxLxHxK = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxLxHxK, slot, axis=1)
             v_BxLxHxK = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxLxHxK, slot, axis=1)
             kv = (k_BxLxHxK, v_BxLxHxK)
-        o_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxS, s,
-                           observe=lambda a: self.sow("intermediates", "attn_logits",
-                                                      _mean_abs(a)))
+        if self.is_mutable_collection("intermediates"):
+            # The coordinate check's attention-logit size: the raw scores before masking
+            # (fused attention never materialises them, so only a capturing call does).
+            self.sow("intermediates", "attn_logits", _mean_abs(
+                attention_lib.logits(q_BxLxHxK, k_BxLxHxK, s.attn_scale)))
+        o_BxLxHxK = attention_lib.attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=s.attn_scale,
+                                         impl=s.attention, **visibility)
         w_HxKxD = _param(self, "w_o", res, (s.num_heads, s.head_dim, s.d_model),
                          ("heads", "head_dim", "embed"))
         out_BxLxD = dense(o_BxLxHxK, w_HxKxD, dt, in_dims=2)
@@ -262,10 +243,10 @@ class Block(nn.Module):
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, x_BxLxD, rope, mask_Bx1xLxS, kv=None):
+    def __call__(self, x_BxLxD, rope, visibility, kv=None):
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         a, kv = Attention(self.spec, name="attn")(Norm(self.spec, name="attn_norm")(x_BxLxD),
-                                                  rope, mask_Bx1xLxS, kv)
+                                                  rope, visibility, kv)
         self.sow("intermediates", "attn_out", _mean_abs(a))
         x_BxLxD = x_BxLxD + a
         f = MLP(self.spec, name="mlp")(Norm(self.spec, name="mlp_norm")(x_BxLxD))
@@ -276,16 +257,17 @@ class Block(nn.Module):
 
 
 class ScannedBlock(nn.Module):
-    """One layer as a scan body: the carry is (x, rope, mask, cache slot); the scanned input
+    """One layer as a scan body: the carry is (x, rope, visibility, cache slot); the scanned
+    input
     and output are the layer's (keys, values) cache, or None without a cache."""
     spec: ModelSpec
 
     @nn.compact
     def __call__(self, carry, kv_layer):
-        x_BxLxD, rope, mask_Bx1xLxS, slot = carry
+        x_BxLxD, rope, visibility, slot = carry
         kv = None if kv_layer is None else (*kv_layer, slot)
-        x_BxLxD, kv = Block(self.spec, name="block")(x_BxLxD, rope, mask_Bx1xLxS, kv)
-        return (x_BxLxD, rope, mask_Bx1xLxS, slot), kv
+        x_BxLxD, kv = Block(self.spec, name="block")(x_BxLxD, rope, visibility, kv)
+        return (x_BxLxD, rope, visibility, slot), kv
 
 
 _REMAT = {
@@ -312,18 +294,18 @@ class Transformer(nn.Module):
         B, L = tokens_BxL.shape
         slots_1xL = jnp.arange(L, dtype=jnp.int32)[None]
         if cache is None:
+            # training and prefill: queries and keys are the same slots 0..L-1, so the fused
+            # attention implementations apply (crystal/attention.py)
             kv, slot = None, None
-            mask_Bx1xLxS = attention_mask(slots_1xL, slots_1xL)
-            if s.segment_mask and segment_ids_BxL is not None:
-                mask_Bx1xLxS = attention_mask(slots_1xL, slots_1xL, None, segment_ids_BxL,
-                                              segment_ids_BxL)
+            seg = segment_ids_BxL if s.segment_mask else None
+            visibility = dict(q_segment_BxT=seg, k_segment_BxS=seg)
         else:
             kv, slot = (cache["k"], cache["v"]), cache["index"]
             q_slots_BxL = jnp.broadcast_to(slots_1xL + slot, (B, L))
             k_slots_BxS = jnp.broadcast_to(jnp.arange(cache_length(cache), dtype=jnp.int32),
                                            (B, cache_length(cache)))
-            mask_Bx1xLxS = attention_mask(q_slots_BxL, k_slots_BxS,
-                                          k_slots_BxS >= cache["start"][:, None])
+            visibility = dict(q_index_BxT=q_slots_BxL, k_index_BxS=k_slots_BxS,
+                              k_valid_BxS=k_slots_BxS >= cache["start"][:, None])
             if positions_BxL is None:   # a row's first valid slot is its position 0
                 positions_BxL = jnp.maximum(q_slots_BxL - cache["start"][:, None], 0)
         if positions_BxL is None:
@@ -337,7 +319,7 @@ class Transformer(nn.Module):
         block = ScannedBlock
         if s.remat != "none":
             block = nn.remat(block, policy=_REMAT[s.remat], prevent_cse=not s.scan_layers)
-        carry = (x_BxLxD, rope, mask_Bx1xLxS, slot)
+        carry = (x_BxLxD, rope, visibility, slot)
         if s.scan_layers:
             carry, kv = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                                 split_rngs={"params": True}, length=s.num_layers,

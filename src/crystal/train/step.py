@@ -16,6 +16,7 @@ import optax
 
 from crystal import model as model_lib
 from crystal import optim as optim_lib
+from crystal.train import loss as loss_lib
 
 # Batch fields the step reads (the loader yields more: shard, row, ... for bookkeeping).
 STEP_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_id",
@@ -56,17 +57,22 @@ def token_losses(params, batch, spec, capture: bool = False):
     """(per-token float32 cross-entropy B x L, float32 mask B x L, intermediates or None).
 
     The one loss of crystal: the train and eval steps sum it, the muP coordinate check
-    averages it with `capture` (the model's sown mean |activation|s)."""
-    out = model_lib.apply(params, batch["inputs"], spec, positions_BxL=batch.get("positions"),
-                          segment_ids_BxL=batch.get("segment_ids"),
-                          capture_intermediates=capture)
-    logits_BxLxV, inter = out if capture else (out, None)
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-    logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    tgt_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None].astype(jnp.int32),
-                                  axis=-1)[..., 0]
+    averages it with `capture` (the model's sown mean |activation|s, and the output
+    logits'). The output projection and the cross-entropy run in `model.loss_chunk`
+    sequence chunks (crystal/train/loss.py): no B x L x V logits are ever materialised."""
+    spec = model_lib.ModelSpec.from_config(spec)
+    out = model_lib.hidden(params, batch["inputs"], spec, positions_BxL=batch.get("positions"),
+                           segment_ids_BxL=batch.get("segment_ids"),
+                           capture_intermediates=capture)
+    hidden_BxLxD, inter = out if capture else (out, None)
+    loss_BxL, abs_sum = loss_lib.cross_entropy(
+        hidden_BxLxD, model_lib.output_head(params, spec), batch["targets"],
+        multiplier=spec.logit_multiplier, dtype=spec.dtype, chunk=spec.loss_chunk,
+        with_abs=capture)
+    if capture:
+        inter["output_logits"] = (abs_sum / (loss_BxL.size * spec.vocab_size),)
     mask_BxL = batch["loss_mask"].astype(jnp.float32)
-    return (logz_BxL - tgt_BxL) * mask_BxL, mask_BxL, inter
+    return loss_BxL * mask_BxL, mask_BxL, inter
 
 
 def _source_onehot(batch, mask_BxL, num_sources):
