@@ -1,6 +1,7 @@
 """Train-step speed: crystal vs litgpt vs transformers' LlamaForCausalLM, same shapes.
 
     python benchmarks/train_step.py [--rounds=8] [--batch=8] [--seq_len=128] [--sizes=7M,30M]
+    python benchmarks/train_step.py --device=gpu [--layers=8] [--config=configs/amber_7b.py]
 
 One run on one machine: for each size (LLaMA/Amber structure: RMSNorm, full RoPE, SwiGLU,
 untied embeddings; float32 on CPU), the tokens/s of a full optimizer step (forward,
@@ -12,9 +13,22 @@ all three, so the ratios are ratios of tokens/s. The last line is
 
     ratio crystal/litgpt=X.XX crystal/transformers=Y.YY mfu=Z.ZZ
 
-for the largest size (nan where a peer is not installed). The line before it is the same
-size's projection matmuls timed alone under XLA and under torch (MKL): the ratio of the
-matrix libraries, which most of a CPU step is.
+for the largest size (nan where a peer is not installed), then `overhead=W.WW`: crystal's
+step time over the time of the same step's matmuls alone (every projection, the output
+head and attention's four products, forward, input and weight gradients, at the model
+FLOPs' shapes) run as one XLA program: 1.00 would be a step that is nothing but its
+matmuls. Each size prints that figure on its own line. The line before the last is the
+largest size's projection matmuls timed alone under XLA and under torch (MKL): the ratio
+of the matrix libraries, which most of a CPU step is.
+
+`--device=gpu` (one accelerator, `pip install -e ".[gpu]"`): 7B-width layers of `--config`
+(d_model 4096, 32 heads, ffn 11008, seq 2048, bfloat16 compute, float32 master weights, the
+config's remat policy; `--layers` of them, the whole vocabulary head) at the largest batch
+whose compiled step fits the device (XLA's memory analysis at batch 1 and 2, extrapolated,
+then checked), timed over `--steps` steps; prints MFU against the device's bf16 peak
+(crystal.metrics.PEAK_FLOPS) and whether attention compiled to cuDNN's fused kernel. On a
+machine without an accelerator the same path runs on the CPU (smoke test: small widths
+through the flags); its figures then mean nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +39,9 @@ import os
 import time
 
 import numpy as np
+
+import gpu_step
+import host
 
 SIZES = {  # name -> (d_model, layers, heads, ffn)
     "7M": (256, 8, 4, 688),
@@ -172,25 +189,55 @@ def gemm_rates(cfg, rounds: int) -> dict:
     return {k: flops / t / 1e9 for k, t in interleaved_best(steps, rounds, settle=0.1).items()}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq_len", type=int, default=128)
-    ap.add_argument("--sizes", default="7M,30M")
-    ap.add_argument("--matmul", type=int, default=2048, help="peak-matmul size")
-    a = ap.parse_args()
+def step_matmuls(cfg):
+    """One call of every matmul a train step of `cfg` runs, alone, as one jitted program:
+    per layer the q, k, v, o, gate, up, down projections and attention's q k^T and p v
+    (the full square, as the model FLOPs count it), per projection the forward, the input
+    gradient and the weight gradient (per attention product, its forward and its two
+    gradients), and the output head's three. Their FLOPs are exactly
+    tokens x `metrics.flops_per_token(cfg)`."""
+    import jax
+    import jax.numpy as jnp
+    m = cfg.model
+    B, T = cfg.train.global_batch_size, cfg.data.seq_len
+    n, D, F, V, H = B * T, m.d_model, m.ffn_dim, m.vocab_size, m.num_heads
+    dt = jnp.dtype(m.compute_dtype)
+    rng = np.random.default_rng(0)
+
+    def arr(*shape):
+        return jnp.asarray(rng.standard_normal(shape, np.float32), dt)
+    proj = [(i, o) for _ in range(m.num_layers)
+            for i, o in [(D, D)] * 4 + [(D, F)] * 2 + [(F, D)]] + [(D, V)]
+    mats = [(arr(n, i), arr(i, o), arr(n, o)) for i, o in proj]
+    att = [tuple(arr(B, T, H, D // H) for _ in range(4)) + (arr(B, H, T, T), arr(B, H, T, T))
+           for _ in range(m.num_layers)]
+
+    def run(mats, att):
+        out = []
+        for x, w, dy in mats:
+            out += [x @ w, dy @ w.T, x.T @ dy]
+        for q, k, v, do, p, ds in att:   # s = q k^T, o = p v, and their gradients
+            out += [jnp.einsum("bqhk,bshk->bhqs", q, k), jnp.einsum("bhqs,bshk->bqhk", p, v),
+                    jnp.einsum("bhqs,bqhk->bshk", p, do), jnp.einsum("bqhk,bshk->bhqs", do, v),
+                    jnp.einsum("bhqs,bshk->bqhk", ds, k), jnp.einsum("bhqs,bqhk->bshk", ds, q)]
+        return out
+    fn = jax.jit(run)
+    return lambda: jax.block_until_ready(fn(mats, att))
+
+
+def cpu_main(a):
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
     from crystal import metrics
     peak = metrics.measured_cpu_flops(a.matmul)
+    print(f"host: {host.cpu()}")
     print(f"peak (float32 {a.matmul}^3 matmul under XLA): {peak / 1e9:.1f} GFLOP/s")
     print(f"{'size':>5} {'framework':>13} {'params':>11} {'tokens/s':>10} {'MFU':>6}")
     last = {}
     for size in [s.strip() for s in a.sizes.split(",") if s.strip()]:
         cfg = crystal_cfg(size, a.seq_len, a.batch)
         fpt = metrics.flops_per_token(cfg)
-        steps, counts, res = {}, {}, {}
+        steps, counts, res = {"matmuls": step_matmuls(cfg)}, {}, {}
         for name, make in (("crystal", crystal_step), ("litgpt", litgpt_step),
                            ("transformers", transformers_step)):
             try:
@@ -199,11 +246,17 @@ def main():
                 print(f"{size:>5} {name:>13} {'-':>11} {'-':>10} {'-':>6}  ({e.name or e} "
                       "not installed: pip install crystal[bench])")
                 res[name] = float("nan")
-        for name, dt in interleaved_best(steps, a.rounds).items():
+        best = interleaved_best(steps, a.rounds)
+        for name, dt in best.items():
             res[name] = cfg.train.global_batch_size * cfg.data.seq_len / dt
-            print(f"{size:>5} {name:>13} {counts[name]:>11,} {res[name]:>10,.0f} "
-                  f"{res[name] * fpt / peak:>6.3f}")
+            if name != "matmuls":
+                print(f"{size:>5} {name:>13} {counts[name]:>11,} {res[name]:>10,.0f} "
+                      f"{res[name] * fpt / peak:>6.3f}")
         res["mfu"] = res["crystal"] * fpt / peak
+        res["overhead"] = best["crystal"] / best["matmuls"]
+        print(f"{size:>5} overhead: crystal step {best['crystal'] * 1e3:.0f} ms, its matmuls "
+              f"alone {best['matmuls'] * 1e3:.0f} ms (XLA), ratio step/matmuls="
+              f"{res['overhead']:.2f}")
         last = res
     g = gemm_rates(cfg, a.rounds)   # cfg, size: the largest, as the last line
     xla, mkl = g["xla"], g.get("torch", math.nan)
@@ -211,7 +264,33 @@ def main():
           f"torch {mkl:.0f} GFLOP/s, ratio xla/torch={xla / mkl:.2f}")
     print(f"ratio crystal/litgpt={last['crystal'] / last['litgpt']:.2f} "
           f"crystal/transformers={last['crystal'] / last['transformers']:.2f} "
-          f"mfu={last['mfu']:.2f}")
+          f"mfu={last['mfu']:.2f} overhead={last['overhead']:.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                    help="cpu: crystal vs peers; gpu: 7B-width layers on one accelerator")
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq_len", type=int, default=0, help="default 128 (cpu), 2048 (gpu)")
+    ap.add_argument("--sizes", default="7M,30M")
+    ap.add_argument("--matmul", type=int, default=2048, help="peak-matmul size")
+    g = ap.add_argument_group("--device=gpu")
+    g.add_argument("--config", default="configs/amber_7b.py", help="model and remat policy")
+    g.add_argument("--layers", type=int, default=8)
+    g.add_argument("--width", type=int, default=4096, help="d_model")
+    g.add_argument("--heads", type=int, default=32)
+    g.add_argument("--ffn", type=int, default=11008)
+    g.add_argument("--vocab", type=int, default=0, help="0: the config's")
+    g.add_argument("--max_batch", type=int, default=256, help="largest batch tried")
+    g.add_argument("--steps", type=int, default=10, help="timed steps")
+    a = ap.parse_args()
+    if a.device == "gpu":
+        gpu_step.main(a)
+    else:
+        a.seq_len = a.seq_len or 128
+        cpu_main(a)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crystal import attention as attention_lib
 from crystal import cli, fileio, sharding
 from crystal import config as config_lib
 from crystal import model as model_lib
 from crystal import optim as optim_lib
 from crystal import train as train_lib
+from crystal.train import loss as loss_lib
 from crystal.errors import UsageError
 
 # Device memory (bytes) as the driver reports it; what a process can actually use is
@@ -160,6 +162,9 @@ def plan(cfg, devices_to_check, usable_fraction: float, activations: bool = True
         per_device_batch=micro_rows // math.prod(mesh.shape[a] for a in
                                                  sharding.batch_axes(cfg, mesh)),
         remat=m.remat, compute_dtype=m.compute_dtype, params=n_params,
+        attention=attention_lib.resolve(m.attention, m.compute_dtype,
+                                        m.d_model // m.num_heads),
+        loss_chunk=loss_lib.chunk_len(L, int(m.loss_chunk)),
         per_device=dict(params=params_b, optimizer=opt_b, batch=batch_b,
                         activations=act_b,
                         xla_arguments=int(mem.argument_size_in_bytes),
@@ -211,6 +216,8 @@ def report(p: dict) -> str:
         f"  batch {p['global_batch']} x {p['seq_len']} tokens = {p['grad_accum']} micro-batches"
         f" x {p['per_device_batch']} sequences per device; remat={p['remat']}, "
         f"compute {p['compute_dtype']}",
+        f"  attention {p['attention']}, output projection + loss in chunks of "
+        f"{p['loss_chunk']} positions",
         "  per device:",
         f"    params (float32)        {_gib(pd['params'])}",
         f"    optimizer state         {_gib(pd['optimizer'])}",
