@@ -264,8 +264,11 @@ def test_plan_small_config(tmp_path):
     assert pd["optimizer"] >= 2 * pd["params"]          # Adam mu + nu
     assert pd["xla_arguments"] >= pd["params"] + pd["optimizer"]
     assert pd["activations"] > 0 and pd["xla_temporaries"] > 0
-    # XLA's FLOPs (remat none) match the model count within 10%.
-    assert abs(r["flops_per_step"] / r["analytic_flops_per_step"] - 1) < 0.1
+    # XLA's FLOPs (remat none) match the model count within 10%, once the chunked loss's
+    # recomputed head forward (2 x V x d per token, crystal/train/loss.py) is added.
+    m = config_lib.load("amber_tiny").model
+    recompute = 2 * m.vocab_size * m.d_model * r["global_batch"] * r["seq_len"]
+    assert abs(r["flops_per_step"] / (r["analytic_flops_per_step"] + recompute) - 1) < 0.1
     assert r["fits"]["a100-80gb"]["fits"] and set(r["fits"]) == {"a100-80gb", "tpu-v4"}
 
 
