@@ -45,7 +45,8 @@ def get_config():
     c.tokenizer.vocab_size = 32000
     c.tokenizer.special_tokens = ()
     c.data.seq_len = 2048
-    c.data.num_chunks = 360
+    c.data.num_shards = 360
+    c.data.num_chunks = 360      # train_000 ... train_359, one release checkpoint each
     c.data.workers = 16
     c.data.loader_workers = 4    # FIM re-tokenising: see docs/loader.md (Speed)
 

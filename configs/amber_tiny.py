@@ -18,6 +18,7 @@ def get_config():
     m.remat = "none"
     c.tokenizer.vocab_size = 2000
     c.data.seq_len = 128
+    c.data.num_shards = 4
     c.data.num_chunks = 4
     c.data.workers = 2
     c.data.loader_workers = 0    # in-process: no worker start-up on a laptop

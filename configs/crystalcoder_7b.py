@@ -44,6 +44,7 @@ def get_config():
     c.tokenizer.special_tokens = STARCODER_SPECIAL_TOKENS
 
     c.data.seq_len = 2048
+    c.data.num_shards = 143
     c.data.num_chunks = 143
     c.data.workers = 16
     c.data.loader_workers = 4    # FIM re-tokenising: see docs/loader.md (Speed)

@@ -18,7 +18,6 @@ times its own LR; the script checks that identity before it trusts it.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import platform
@@ -34,6 +33,7 @@ import optax
 from crystal import cli, fileio, optim
 from crystal import config as config_lib
 from crystal import model as model_lib
+from crystal.data import manifest as man_lib
 from crystal.data import prepare
 from crystal.metrics import plots
 from crystal.errors import UsageError
@@ -60,11 +60,11 @@ def parse_log2_lrs(spec: str) -> list[int]:
 
 def load_rows(workdir) -> tuple[np.ndarray, np.ndarray]:
     """All train rows and all val rows of a prepared workdir (every group, sorted order)."""
-    root = Path(workdir) / "data"
-    man = json.loads((root / "manifest.json").read_text())
+    root = man_lib.data_dir(workdir)
+    man, _ = man_lib.read(workdir)
     train, val = [], []
-    for g in sorted(man["groups"]):
-        for ch in man["groups"][g]["chunks"]:
+    for g in man_lib.group_names(man):
+        for ch in man["groups"][g]["shards"]:
             train.append(np.load(root / ch["path"], mmap_mode="r", allow_pickle=False))
         if man["groups"][g].get("val"):
             val.append(np.load(root / man["groups"][g]["val"]["path"], mmap_mode="r",

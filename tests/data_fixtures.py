@@ -85,9 +85,9 @@ def write_corpus(root: Path) -> Path:
 
 
 def small_config(tmp_path, **overrides):
-    """The tiny CrystalCoder config at test size (vocab 512, seq_len 32, 3 chunks)."""
+    """The tiny CrystalCoder config at test size (vocab 512, seq_len 32, 3 shards)."""
     o = {"tokenizer.vocab_size": 512, "model.vocab_size": 576, "data.seq_len": 32,
-         "data.num_chunks": 3, "data.workers": 1, "data.cache_dir": str(tmp_path / "cache"),
+         "data.num_shards": 3, "data.workers": 1, "data.cache_dir": str(tmp_path / "cache"),
          "data.sample_max_mb": 0.6}
     o.update(overrides)
     return cfg_lib.load("crystalcoder_tiny", o)

@@ -1,4 +1,4 @@
-"""The Beam pipeline writes the same chunks and manifest as the local path."""
+"""The Beam pipeline writes the same shards and manifest as the local path."""
 import importlib.util
 import json
 import os
@@ -37,17 +37,16 @@ def _same_data(wd_a, wd_b):
     ma = json.loads((wd_a / "data" / "manifest.json").read_bytes())
     mb = json.loads((wd_b / "data" / "manifest.json").read_bytes())
     assert ma == mb
-    for e in ma["groups"].values():
-        for c in e["chunks"] + [e["val"]]:
-            assert (wd_a / "data" / c["path"]).read_bytes() == \
-                (wd_b / "data" / c["path"]).read_bytes()
+    for rel in ["sources.json"] + [c["path"] for e in ma["groups"].values()
+                                   for c in e["shards"] + [e["val"], e["documents"]]]:
+        assert (wd_a / "data" / rel).read_bytes() == (wd_b / "data" / rel).read_bytes()
     return ma
 
 
 @needs_beam
 def test_beam_equals_local_on_sample_corpus(tmp_path):
     from crystal.data import beam as beam_lib
-    cfg = F.small_config(tmp_path, **{"data.seq_len": 64, "data.num_chunks": 4})
+    cfg = F.small_config(tmp_path, **{"data.seq_len": 64, "data.num_shards": 4})
     local = prepare.prepare(cfg, tmp_path / "local", workers=2)
     man = beam_lib.run(cfg, tmp_path / "beam", pipeline_args=["--runner=DirectRunner"])
     assert man == local and man["input"]["kind"] == "sample"

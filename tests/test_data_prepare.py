@@ -1,4 +1,4 @@
-"""Preparation: chunk layout and content, determinism, manifest verification, bad input."""
+"""Preparation: shard layout and content, provenance, determinism, verification, bad input."""
 import json
 import subprocess
 import sys
@@ -31,7 +31,7 @@ def _load(wd, rel):
 
 
 def _rows(wd, entry):
-    return np.concatenate([_load(wd, c["path"]) for c in entry["chunks"]])
+    return np.concatenate([_load(wd, c["path"]) for c in entry["shards"]])
 
 
 def test_layout_matches_data_format(prepared):
@@ -39,10 +39,13 @@ def test_layout_matches_data_format(prepared):
     wd = tmp / "wd"
     on_disk = json.loads((wd / "data" / "manifest.json").read_text())
     assert on_disk == man
-    assert man["format"] == 1 and man["seq_len"] == 32 and man["num_chunks"] == 3
+    assert man["format"] == 2 and man["seq_len"] == 32 and man["num_shards"] == 3
     assert man["dtype"] == "uint16" and man["seed"] == cfg.seed
-    assert man["crystal_version"] == "0.1.0" and man["git_commit"]
-    assert man["config"] == cfg_lib.to_json_dict(cfg)
+    # Code version and full config are logged beside the data, not part of its identity.
+    assert not {"crystal_version", "git_commit", "config"} & set(man)
+    log = json.loads((wd / "data" / prepare.LOG_FILE).read_text())
+    assert log["crystal_version"] == "0.1.0" and log["git_commit"]
+    assert log["config"] == cfg_lib.to_json_dict(cfg)
     tok = Tokenizer.load(wd / "data" / "tokenizer.model", man["tokenizer"]["special_tokens"])
     assert man["tokenizer"]["sha256"] == tok.sha256 and man["tokenizer"]["vocab_size"] == 512
     assert man["tokenizer"]["special_tokens"] == list(cfg.tokenizer.special_tokens)
@@ -51,17 +54,21 @@ def test_layout_matches_data_format(prepared):
         "slimpajama.odd.RedPajamaC4", "slimpajama.odd.RedPajamaWikipedia",
         "starcoder.css", "starcoder.python", "text.notes"]
     for g, e in man["groups"].items():
-        assert [c["index"] for c in e["chunks"]] == [0, 1, 2]
-        assert [c["path"] for c in e["chunks"]] == [f"{g}/train_{i:05d}.npy" for i in range(3)]
+        assert [c["index"] for c in e["shards"]] == [0, 1, 2]
+        assert [c["path"] for c in e["shards"]] == [f"{g}/shard_{i:05d}.npy" for i in range(3)]
         assert e["val"]["path"] == f"{g}/val.npy" and e["val"]["num_sequences"] >= 1
-        for c in e["chunks"] + [e["val"]]:
+        assert e["val"]["offset"] == 0
+        for c in e["shards"] + [e["val"]]:
             a = _load(wd, c["path"])
             assert a.dtype == np.uint16 and a.shape == (c["num_sequences"], 33)
             assert c["num_tokens"] == a.size
-        sizes = [c["num_sequences"] for c in e["chunks"]]
+        offsets = [c["offset"] for c in [e["val"]] + e["shards"]]
+        sizes = [c["num_tokens"] for c in [e["val"]] + e["shards"]]
+        assert offsets == list(np.cumsum([0] + sizes[:-1]))    # contiguous in the stream
+        sizes = [c["num_sequences"] for c in e["shards"]]
         assert max(sizes) - min(sizes) <= 1
-        assert all(c["tokens_per_source"] == {g: c["num_tokens"]} for c in e["chunks"])
-        used = sum(c["num_tokens"] for c in e["chunks"]) + e["val"]["num_tokens"]
+        assert all(c["tokens_per_source"] == {g: c["num_tokens"]} for c in e["shards"])
+        used = sum(c["num_tokens"] for c in e["shards"]) + e["val"]["num_tokens"]
         assert used + e["dropped_tokens"] == e["num_tokens"]
     assert not list((wd / "data").rglob("*.tmp-*")) and not (wd / "data" / ".prepare-tmp").exists()
 
@@ -113,21 +120,48 @@ def test_documents_follow_the_seeded_global_shuffle(prepared, corpus):
     assert e["val_documents"] == int((ends - [len(src[i]) for i in perm] < len(val)).sum())
 
 
+def test_every_row_traces_back_to_its_documents(prepared, corpus):
+    """documents.npy + sources.json: the documents a stored row holds are the source
+    records (file, line or row) whose tokens they are, cut where the row cuts them."""
+    from crystal.data import sources
+    from crystal.data.provenance import Provenance
+    cfg, tmp, man = prepared
+    wd = tmp / "wd"
+    tok = Tokenizer.load(wd / "data" / "tokenizer.model")
+    prov = Provenance(wd, man)
+    assert prov.sources == [r for s in sources.discover(corpus) for r in s.relpaths]
+    for g in ("slimpajama.odd.RedPajamaC4", "starcoder.python", "text.notes"):
+        e = man["groups"][g]
+        assert len(prov.table(g)) == e["num_documents"]
+        for shard, row in ((-1, 0), (0, 0), (1, 3), (2, e["shards"][2]["num_sequences"] - 1)):
+            stored = _load(wd, (e["val"] if shard < 0 else e["shards"][shard])["path"])[row]
+            spans = prov.spans(g, shard, row)
+            assert sum(s["end"] - s["start"] for s in spans) == 33
+            got = []
+            for s in spans:
+                rec = sources.read_record(corpus / s["file"], s["record"])
+                text = rec.get("text") or rec.get("content")
+                doc = tok.encode(text) + [2]
+                assert len(doc) == s["tokens"]
+                got += doc[s["start"]:s["end"]]
+            assert got == stored.tolist(), (g, shard, row)
+
+
 def test_deterministic_across_workers_and_runs(prepared, corpus):
     cfg, tmp, man = prepared
     man3 = prepare.prepare(cfg, tmp / "wd3", corpus, workers=2)
     for g, e in man["groups"].items():
-        for c, c3 in zip(e["chunks"] + [e["val"]], man3["groups"][g]["chunks"] +
+        for c, c3 in zip(e["shards"] + [e["val"]], man3["groups"][g]["shards"] +
                          [man3["groups"][g]["val"]]):
             assert (tmp / "wd" / "data" / c["path"]).read_bytes() == \
                    (tmp / "wd3" / "data" / c3["path"]).read_bytes()
     a = dict(man, input=None)
     b = dict(man3, input=None)
-    assert a == b  # chunk hashes, counts, tokenizer: all the same
+    assert a == b  # shard hashes, counts, tokenizer, document tables: all the same
     other = prepare.prepare(F.small_config(tmp, seed=7), tmp / "wd7", corpus)
     e, o = man["groups"]["starcoder.python"], other["groups"]["starcoder.python"]
     assert o["num_tokens"] == e["num_tokens"]
-    assert [c["sha256"] for c in o["chunks"]] != [c["sha256"] for c in e["chunks"]]
+    assert [c["sha256"] for c in o["shards"]] != [c["sha256"] for c in e["shards"]]
 
 
 def test_verify_reports_each_mismatch_by_name(prepared, tmp_path):
@@ -136,20 +170,21 @@ def test_verify_reports_each_mismatch_by_name(prepared, tmp_path):
     wd = tmp_path / "wd"
     shutil.copytree(tmp / "wd", wd)
     n, problems = verify.verify(wd)
-    assert problems == [] and n == 1 + sum(len(e["chunks"]) + 1 for e in man["groups"].values())
-    p = wd / "data" / "starcoder.css" / "train_00001.npy"
+    # tokenizer, sources.json, and per group its shards, val and document table
+    assert problems == [] and n == 2 + sum(len(e["shards"]) + 2 for e in man["groups"].values())
+    p = wd / "data" / "starcoder.css" / "shard_00001.npy"
     raw = bytearray(p.read_bytes())
     raw[-3] ^= 0xFF
     p.write_bytes(bytes(raw))
     (wd / "data" / "text.notes" / "val.npy").unlink()
     _, problems = verify.verify(wd)
     assert len(problems) == 2
-    assert problems[0].startswith("starcoder.css/train_00001.npy: sha256 mismatch")
+    assert problems[0].startswith("starcoder.css/shard_00001.npy: sha256 mismatch")
     assert problems[1] == "text.notes/val.npy: missing"
     r = subprocess.run([sys.executable, "-m", "crystal.data.verify", f"--workdir={wd}"],
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert "bad: starcoder.css/train_00001.npy: sha256 mismatch" in r.stderr
+    assert "bad: starcoder.css/shard_00001.npy: sha256 mismatch" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: 2 of ")
     r = subprocess.run([sys.executable, "-m", "crystal.data.verify",
                         f"--workdir={tmp / 'wd'}"], capture_output=True, text=True)
@@ -179,15 +214,38 @@ def test_crashed_run_is_redone_not_trusted(corpus, tmp_path):
     """Leftovers without a manifest (a crash) are cleared and prepared again."""
     cfg = F.small_config(tmp_path, **{"data.input": str(corpus)})
     wd = tmp_path / "wd"
-    stale = wd / "data" / "starcoder.python" / "train_00000.npy"
+    stale = wd / "data" / "starcoder.python" / "shard_00000.npy"
     stale.parent.mkdir(parents=True)
     np.save(stale, np.zeros((2, 33), np.uint16))
     (wd / "data" / "gone.group").mkdir()
-    np.save(wd / "data" / "gone.group" / "train_00000.npy", np.zeros((2, 33), np.uint16))
+    np.save(wd / "data" / "gone.group" / "shard_00000.npy", np.zeros((2, 33), np.uint16))
     man = prepare.ensure_prepared(cfg, wd)
     assert verify.verify(wd)[1] == []
     assert not (wd / "data" / "gone.group").exists()
-    assert man["groups"]["starcoder.python"]["chunks"][0]["num_sequences"] > 2
+    assert man["groups"]["starcoder.python"]["shards"][0]["num_sequences"] > 2
+
+
+def test_old_format_manifest_is_refused_by_every_reader(prepared, corpus, tmp_path):
+    """Format 1 called the shards chunks (train_NNNNN.npy): every tool names the file and
+    field; --overwrite prepares the workdir again."""
+    import shutil
+    from crystal.data import loader, manifest
+    cfg, tmp, man = prepared
+    wd = tmp_path / "old"
+    shutil.copytree(tmp / "wd", wd)
+    for p in (wd / "data").rglob("shard_*.npy"):
+        p.rename(p.with_name(p.name.replace("shard_", "train_")))
+    old = dict(man, format=1, num_chunks=man["num_shards"])
+    (wd / "data" / "manifest.json").write_text(json.dumps(old))
+    mpath = wd / "data" / "manifest.json"
+    msg = rf"^{mpath}: field format: 1 is the old layout .*crystal.data.prepare --overwrite"
+    for read in (lambda: manifest.read(wd), lambda: loader.StageLoader(cfg, wd, 1),
+                 lambda: prepare.ensure_prepared(cfg, wd)):
+        with pytest.raises(DataError, match=msg):
+            read()
+    assert verify.verify(wd)[1][0].startswith(f"{mpath}: field format: 1 is the old layout")
+    assert prepare.prepare(cfg, wd, corpus, overwrite=True)["format"] == 2
+    assert not list((wd / "data").rglob("train_*.npy")) and verify.verify(wd)[1] == []
 
 
 def _bad_corpus(root):
@@ -214,7 +272,7 @@ def test_bad_records_fail_by_default_and_leave_no_manifest(tmp_path):
     r = subprocess.run([sys.executable, "-m", "crystal.data.prepare",
                         "--config=configs/crystalcoder_tiny.py",
                         "--config.tokenizer.vocab_size=512", "--config.model.vocab_size=576",
-                        "--config.data.seq_len=32", "--config.data.num_chunks=3",
+                        "--config.data.seq_len=32", "--config.data.num_shards=3",
                         f"--config.data.cache_dir={tmp_path / 'cache'}",
                         f"--workdir={tmp_path / 'wd'}", f"--input={root}"],
                        capture_output=True, text=True, cwd=cfg_lib.REPO_ROOT)
@@ -246,10 +304,10 @@ def test_bad_records_skipped_are_counted(tmp_path):
 
 
 def test_too_small_group_is_a_clear_error(corpus, tmp_path):
-    cfg = F.small_config(tmp_path, **{"data.num_chunks": 1000})
+    cfg = F.small_config(tmp_path, **{"data.num_shards": 1000})
     with pytest.raises(DataError, match=r"^data group slimpajama\.even\.RedPajamaC4: \d+ tokens "
                        r"give \d+ sequences of 33 tokens; \d+ validation \+ at least "
-                       r"data.num_chunks=1000 training sequences are needed"):
+                       r"data.num_shards=1000 training sequences are needed"):
         prepare.prepare(cfg, tmp_path / "wd", corpus)
 
 
@@ -269,7 +327,9 @@ def test_sample_corpus_has_every_config_group_and_prepares(tmp_path):
     # the default-size corpus is several MB (the budget shares alone say so)
     assert sum(sample.SHARES.values()) * 8.0 > 5
     man = prepare.ensure_prepared(cfg, tmp_path / "wd")
-    assert man["input"]["kind"] == "sample" and man["unmatched_mixture_patterns"] == []
+    assert man["input"]["kind"] == "sample"
+    log = json.loads((tmp_path / "wd" / "data" / prepare.LOG_FILE).read_text())
+    assert log["unmatched_mixture_patterns"] == []
     groups = list(man["groups"])
     for big in ("crystalcoder_7b", "crystalcoder_tiny"):
         c = cfg_lib.load(big)
@@ -309,13 +369,13 @@ def test_given_tokenizer_model_and_int32_storage(prepared, corpus, tmp_path):
     assert m["tokenizer"]["trained"] is False and m["dtype"] == "int32"
     assert not (tmp_path / "cache" / "tokenizers").exists()  # nothing trained
     for g, e in man["groups"].items():
-        for c, c2 in zip(e["chunks"], m["groups"][g]["chunks"]):
+        for c, c2 in zip(e["shards"], m["groups"][g]["shards"]):
             a, b = _load(tmp / "wd", c["path"]), _load(tmp_path / "wd", c2["path"])
             assert b.dtype == np.int32 and np.array_equal(a, b)
 
 
 def test_atomic_open_gives_the_old_file_or_the_whole_new_one(tmp_path):
-    """The one writer behind every file a later run reads (chunks, manifests, ledgers,
+    """The one writer behind every file a later run reads (shards, manifests, ledgers,
     metrics, plots, plans): a write that raises leaves the old file and no temp file."""
     from crystal import fileio
     path = tmp_path / "sub" / "ledger.json"

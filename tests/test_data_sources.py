@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 import data_fixtures as F
@@ -40,6 +41,27 @@ def test_documents_read_back_exactly(tmp_path):
     # file order: shard 0 first, lines in order
     assert got_sp[0] == want[0] and got_sp[1] == want[4]
     assert [t for g, t in docs if g == "starcoder.python"] == F.sources(F.MODULES[:8])
+
+
+def test_records_are_numbered_as_errors_count_them(tmp_path):
+    """Each document's record (JSON line, Parquet row, from 1; 1 for a text file) and its
+    file's index among all input files: what provenance names."""
+    root = F.write_corpus(tmp_path / "c")
+    shards = sources.discover(root)
+    assert [s.first_file for s in shards] == list(np.cumsum([0] + [len(s.paths)
+                                                                   for s in shards[:-1]]))
+    bad = BadRecords("fail")
+    for s in shards:
+        for i, docs in enumerate(sources.iter_files(s, bad)):
+            path = s.paths[i]
+            for group, text, record in docs:
+                rec = sources.read_record(path, record)
+                assert text == rec.get("text", rec.get("content"))
+    sp = [s for s in shards if s.kind == "slimpajama"][0]
+    assert [r for _, _, r in sources.read_file(sp, 0, bad)] == list(range(1, 1 + len(
+        F.docstrings()[0::4])))
+    with pytest.raises(DataError, match="has no record 999"):
+        sources.read_record(sp.paths[0], 999)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -235,7 +257,7 @@ def test_bad_input_skipped_and_counted(tmp_path, name):
     ex = bad.examples[0]
     assert ex["file"] == path.relative_to(tmp_path).as_posix() and ex["line"] == line
     # the good records around it survive; a broken file is dropped whole
-    texts = [t for _, t in docs]
+    texts = [t for _, t, _ in docs]
     if line is None and path.suffix in (".zst", ".parquet"):
         assert texts == [] and bad.files_skipped == 1
     else:

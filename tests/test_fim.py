@@ -126,7 +126,7 @@ def test_cut_or_pad_to_length_and_mask(tok, codec, ids, docs):
                                             1.0, 0.5)
         assert out.shape == (T,)
         assert np.all(out[n_valid:] == ids.pad) and not np.any(out[:n_valid] == ids.pad)
-        ex = make_example(out, n_valid, dict(group=0, component=0, chunk=0, row=r, epoch=0,
+        ex = make_example(out, n_valid, dict(group=0, component=0, shard=0, row=r, epoch=0,
                                              index=r), n_fim)
         # Loss only on real targets; padding inputs are segment 0.
         assert np.array_equal(ex["loss_mask"] == 0, ex["targets"] == ids.pad)
@@ -138,7 +138,7 @@ def test_cut_or_pad_to_length_and_mask(tok, codec, ids, docs):
 
 def test_segment_ids_count_documents():
     toks = np.asarray([5, 6, 2, 7, 8, 9, 2, 10, 11], np.int32)
-    ex = make_example(toks, len(toks), dict(group=0, component=0, chunk=0, row=0, epoch=0,
+    ex = make_example(toks, len(toks), dict(group=0, component=0, shard=0, row=0, epoch=0,
                                             index=0))
     assert ex["segment_ids"].tolist() == [1, 1, 1, 2, 2, 2, 2, 3]
     assert ex["loss_mask"].tolist() == [1.0] * 8

@@ -1,5 +1,5 @@
 """The stage loader on prepared tiny data: mixture shares, determinism, exact O(1) resume
-(also across a stage boundary), per-process sharding, chunk quarantine, validation."""
+(also across a stage boundary), per-process sharding, shard quarantine, validation."""
 import json
 import time
 
@@ -11,7 +11,7 @@ from crystal.data import loader as loader_lib
 from crystal.data.loader import StageLoader
 from crystal.errors import DataError
 
-KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "source_id", "chunk", "row", "group",
+KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "source_id", "shard", "row", "group",
         "epoch", "index", "fim")
 
 
@@ -57,7 +57,7 @@ def test_batch_layout(wd):
     for k in ("inputs", "targets", "segment_ids"):
         assert b[k].shape == (B, L) and b[k].dtype == np.int32
     assert b["loss_mask"].dtype == np.float32 and b["loss_mask"].shape == (B, L)
-    for k in ("source_id", "chunk", "row", "group"):
+    for k in ("source_id", "shard", "row", "group"):
         assert b[k].shape == (B,) and b[k].dtype == np.int32
     # targets are inputs shifted by one: the rows are seq_len + 1 tokens.
     assert np.array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
@@ -68,14 +68,14 @@ def test_batch_layout(wd):
 
 
 def test_rows_are_the_prepared_rows(wd):
-    """Non-FIM rows are exactly the stored chunk rows their provenance names."""
+    """Non-FIM rows are exactly the stored shard rows their provenance names."""
     ld = StageLoader(tiny(), wd, 1)
     man = json.loads((wd / "data" / "manifest.json").read_text())
     names = sorted(man["groups"])
     b = next(ld)
     for r in range(4):
         g = names[b["group"][r]]
-        path = wd / "data" / man["groups"][g]["chunks"][b["chunk"][r]]["path"]
+        path = wd / "data" / man["groups"][g]["shards"][b["shard"][r]]["path"]
         stored = np.load(path, mmap_mode="r", allow_pickle=False)[b["row"][r]]
         assert np.array_equal(b["inputs"][r], stored[:-1])
         assert np.array_equal(b["targets"][r], stored[1:])
@@ -93,7 +93,7 @@ def test_mixture_token_shares_match_weights(wd):
         np.add.at(tokens, b["component"], b["loss_mask"].sum(1))
         np.add.at(fim, b["component"], b["fim"])
         for r in range(len(b["row"])):      # documents in the stored row = FIM candidates
-            stored = ld.reader.tokens(b["group"][r], b["chunk"][r], b["row"][r])
+            stored = ld.reader.tokens(b["group"][r], b["shard"][r], b["row"][r])
             cuts = np.concatenate([[-1], np.flatnonzero(stored == 2), [len(stored)]])
             frags[b["component"][r]] += np.sum(np.diff(cuts) > 1)
     share = tokens / tokens.sum()
@@ -123,8 +123,8 @@ def test_epochs_reshuffle_and_redraw_fim(wd):
     recs = [ds[g] for g in range(len(ds))]
     css_recs = [r for r in recs if r["component"] == css]
     n = ld.mixture.components[css].num_rows
-    e0 = [(r["group"], r["chunk"], r["row"]) for r in css_recs if r["epoch"] == 0]
-    e1 = [(r["group"], r["chunk"], r["row"]) for r in css_recs if r["epoch"] == 1]
+    e0 = [(r["group"], r["shard"], r["row"]) for r in css_recs if r["epoch"] == 0]
+    e1 = [(r["group"], r["shard"], r["row"]) for r in css_recs if r["epoch"] == 1]
     assert len(e0) == n and len(set(e0)) == n            # an epoch is a permutation
     assert e1[:20] != e0[:20]
     # Same stored row, two epochs: FIM drawn independently.
@@ -227,7 +227,7 @@ def test_worker_processes_give_the_same_batches(wd):
         assert same(x, ref.global_batch(7 + i))
 
 
-def test_skip_chunk_is_deterministic_and_recorded(wd, tmp_path):
+def test_skip_shard_is_deterministic_and_recorded(wd, tmp_path):
     # A private copy of the workdir (the ledger is written next to data/).
     import shutil
     run = tmp_path / "run"
@@ -238,23 +238,27 @@ def test_skip_chunk_is_deterministic_and_recorded(wd, tmp_path):
     before = [ref.global_batch(s) for s in range(12)]
     names = ref.group_names
     py = names.index("starcoder.python")
+    # The situation under test: a python shard whose rows steps 6..11 train on.
+    k = int(np.bincount(np.concatenate([b["shard"][b["group"] == py] for b in before[6:]]),
+                        minlength=4).argmax())
+    shard = f"starcoder.python:{k}"
+    assert sum(((b["group"] == py) & (b["shard"] == k)).sum() for b in before[6:]) > 0
     ld = StageLoader(cfg, run, 3)
     take(ld, 6)
-    ld.skip_chunk("starcoder.python:1")                  # from the next step, 6
+    ld.skip_shard(shard)                                 # from the next step, 6
     after = take(ld, 6)
     for s, b in enumerate(after, start=6):
-        hit = (b["group"] == py) & (b["chunk"] == 1)
+        hit = (b["group"] == py) & (b["shard"] == k)
         assert not hit.any()
         old = before[s]
-        was = (old["group"] == py) & (old["chunk"] == 1)
+        was = (old["group"] == py) & (old["shard"] == k)
         # Only the quarantined rows change; they are replaced by other python rows.
         assert np.array_equal(b["substituted"] == 1, was)
         assert np.array_equal(b["inputs"][~was], old["inputs"][~was])
         assert np.all(b["component"][was] == old["component"][was])
-    assert sum(((b["group"] == py) & (b["chunk"] == 1)).sum() for b in before[6:]) > 0
     state = ld.get_state()
-    assert state["skips"] == [{"chunk": "starcoder.python:1", "from_step": 6}]
-    ledger = json.loads((run / "skipped_chunks.json").read_text())
+    assert state["skips"] == [{"shard": shard, "from_step": 6}]
+    ledger = json.loads((run / "skipped_shards.json").read_text())
     assert ledger == {"stage_3": state["skips"]}
     # A loader restored from a pre-skip checkpoint still honours the recorded skip ...
     fresh = StageLoader(cfg, run, 3)
@@ -262,17 +266,20 @@ def test_skip_chunk_is_deterministic_and_recorded(wd, tmp_path):
     assert same(next(fresh), after[0])
     # ... and steps before the skip are what they always were.
     assert same(fresh.global_batch(5), before[5])
-    with pytest.raises(DataError, match="no chunk"):
-        ld.skip_chunk("starcoder.python:99")
+    with pytest.raises(DataError, match="no shard"):
+        ld.skip_shard("starcoder.python:99")
     shutil.rmtree(run)
 
 
 def test_chunk_of_step(wd):
     ld = StageLoader(tiny(), wd, 1)
     chunks = [ld.chunk_of_step(s) for s in range(ld.steps)]
-    assert chunks[0] == 0 and chunks[-1] == ld.num_chunks - 1
+    assert chunks[0] == 0 and chunks[-1] == ld.num_chunks - 1 == 3
     assert chunks == sorted(chunks)
     assert np.bincount(chunks).tolist() == [ld.steps // ld.num_chunks] * ld.num_chunks
+    # A stage shorter than data.num_chunks has one chunk per step.
+    short = StageLoader(tiny(**{"stages.stage_1.steps": 3}), wd, 1)
+    assert short.num_chunks == 3 and [short.chunk_of_step(s) for s in range(3)] == [0, 1, 2]
 
 
 def test_val_batches(wd):

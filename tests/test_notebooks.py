@@ -24,8 +24,9 @@ def execute(name: str) -> str:
 CASES = [
     ("explore_run.ipynb", {}, [
         "on cpu",                                                # the setup cell
-        "restored step 8", "param dtypes on disk: {'float32'}",
-        "'def fibonacci(n):", "-extractable"], []),
+        "restored step 8", "param dtypes on disk: {'float32'}", "rows from shards",
+        " record ", "data chunks in the run;", "'def fibonacci(n):", "-extractable"],
+     ["released/chunks.json"]),
     ("memorization.ipynb", {"CRYSTAL_SEQUENCES_PER_CHUNK": "8"}, [
         "8 checkpoints scored now, 0 already done",
         "step      8 stage 3: latest chunk s3c2",

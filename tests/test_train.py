@@ -247,22 +247,47 @@ def test_stage_restarts(env):
     assert train.run(cfg, src, stage=1)["start"]["kind"] == "complete"
 
 
-def test_nan_chunk_is_quarantined_after_rollback(env):
-    """Rows of one data chunk make the loss NaN: those steps are skipped and counted; after
+def _shard_steps(cfg, wd, stage: int) -> dict[str, list[int]]:
+    """shard name -> the stage steps whose batches hold its rows (the loader's replay)."""
+    from crystal.data.loader import StageLoader
+    ld = StageLoader(cfg, wd, stage)
+    out: dict = {}
+    for step in range(ld.steps):
+        b = ld.global_batch(step)
+        for g, k in zip(b["group"], b["shard"]):
+            out.setdefault(f"{ld.group_names[g]}:{k}", set()).add(step)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _poison_target(cfg, wd, every: int, window: int):
+    """The situation the rollback test needs, found in the data rather than assumed: a shard
+    whose rows first arrive at step f and again at f2 < f + window, with a checkpoint (every
+    `every` steps) after the rollback point and no later than f2, so the abandoned timeline
+    has a checkpoint to set aside."""
+    for name, steps in sorted(_shard_steps(cfg, wd, 1).items()):
+        if len(steps) >= 2:
+            f, f2 = steps[:2]
+            if f2 - f < window and f2 >= f // every * every + every:
+                return name, f, f2
+    raise AssertionError("no shard of stage 1 fits the rollback scenario")
+
+
+def test_nan_shard_is_quarantined_after_rollback(env):
+    """Rows of one data shard make the loss NaN: those steps are skipped and counted; after
     max_bad_steps in the window the run rolls back to the last good checkpoint, quarantines
-    that chunk from there (quarantine.json) and trains on with finite losses."""
-    chunk = "slimpajama.even.RedPajamaCommonCrawl:1"
-    cfg = make_cfg(**{"stages.stage_1.steps": 10, "train.fault_nan_chunks": chunk,
-                      "train.max_bad_steps": 2,
-                      "train.bad_step_window": 6, "checkpoint.every_steps": 2})
+    that shard from there (quarantine.json) and trains on with finite losses."""
+    over = {"stages.stage_1.steps": 10, "train.max_bad_steps": 2, "train.bad_step_window": 6,
+            "checkpoint.every_steps": 2, "checkpoint.keep_recent": 10}
     wd = workdir(env, "nan")
+    shard, first, second = _poison_target(make_cfg(**over), wd, every=2, window=6)
+    cfg = make_cfg(**over, **{"train.fault_nan_shards": shard})
     out = train.run(cfg, wd, stop_after_steps=12)
     assert out["rollbacks"] == 1
     q = json.loads((wd / train.QUARANTINE_FILE).read_text())
-    assert q["chunks"] == [chunk]
+    assert q["shards"] == [shard]
     inc = q["incidents"][0]
-    assert inc["stage"] == 1 and len(inc["bad_stage_steps"]) == 2
-    assert inc["rolled_back_to_step"] <= inc["bad_stage_steps"][0]
+    assert inc["stage"] == 1 and inc["bad_stage_steps"] == [first, second]
+    assert inc["rolled_back_to_step"] == first // 2 * 2 == inc["from_stage_step"]
     recs = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "loss" in r]
     # One history per step: what the bad timeline logged after the rollback point is gone.
@@ -270,9 +295,9 @@ def test_nan_chunk_is_quarantined_after_rollback(env):
     after = [r for r in recs if r["step"] > inc["rolled_back_to_step"]]
     assert after and all(r["skipped"] == 0 and np.isfinite(r["loss"]) for r in after)
     assert recs[-1]["skipped_steps"] == 2
-    # The skip is part of the data state: the loader replaces the chunk's rows from then on.
+    # The skip is part of the data state: the loader replaces the shard's rows from then on.
     _, data, meta, _ = read_state(wd)
-    assert {"chunk": chunk, "from_step": inc["from_stage_step"]} in data["skips"]
+    assert {"shard": shard, "from_step": inc["from_stage_step"]} in data["skips"]
     # The abandoned timeline's checkpoints are set aside, never deleted.
     aside = sorted(int(p.name) for p in (wd / "quarantine" / "checkpoints").iterdir())
     assert aside and min(aside) > inc["rolled_back_to_step"]

@@ -132,7 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         input="",                 # folder of source files; '' = the bundled sample corpus
         seq_len=128,              # tokens per training example (samples hold seq_len + 1)
-        num_chunks=8,             # numbered chunks per data group (LLM360: 360)
+        num_shards=8,             # storage files (shards) per data group
+        num_chunks=8,             # LLM360 data chunks per stage: runs of steps between two
+                                  # release checkpoints (Amber: 360; at most the stage's steps)
         val_fraction=0.02,        # held-out share of sequences per group
         min_val_sequences=1,
         workers=2,                # tokenizer processes
@@ -183,7 +185,7 @@ def base_config() -> ml_collections.ConfigDict:
         spike_window=50,
         compilation_cache="auto",  # JAX persistent compilation cache: 'auto' (the crystal
                                   # cache dir, see data.cache_dir), '' (off) or a path
-        fault_nan_chunks="",      # fault injection: 'group:index,...' data chunks whose rows
+        fault_nan_shards="",      # fault injection: 'group:index,...' shards whose rows
                                   # make the loss NaN (tests the quarantine path)
         progress=True,
     ))
@@ -300,7 +302,7 @@ def _check_mup_and_tokenizer(c):
 
 def _check_data(c):
     d = c.data
-    _ints(d, "data", ("seq_len", "num_chunks", "workers"))
+    _ints(d, "data", ("seq_len", "num_shards", "num_chunks", "workers"))
     _ints(d, "data", ("loader_workers", "loader_threads", "loader_prefetch"), minimum=0)
     if d.seq_len > c.model.max_seq_len:
         _fail("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}")

@@ -1,12 +1,12 @@
 """The same preparation as crystal.data.prepare, as an Apache Beam pipeline (for scale).
 
     Create(shard jobs) -> Map(tokenize_shard) -> per-group parts -> GroupByKey
-      -> Map(plan_group) -> FlatMap(chunk jobs) -> Reshuffle -> Map(write_chunk)
+      -> Map(plan_group) -> FlatMap(shard jobs) -> Reshuffle -> Map(write_shard)
 
 Every transform is the local path's function, fed plain-dict elements (paths, counts,
 offsets); token arrays only ever travel through .npy files, never through Beam's coders.
 Results come back to the driver as small JSON side files, and the driver writes the
-manifest with the same `finish` as the local path, so both produce byte-identical chunks
+manifest with the same `finish` as the local path, so both produce byte-identical shards
 and manifests.
 
     python -m crystal.data.beam --config=configs/crystalcoder_tiny.py --workdir=DIR \
@@ -65,8 +65,8 @@ def _plan(kv, params, results_dir):
 
 
 def _write(job, results_dir):
-    w = prep.write_chunk(job)
-    _dump(Path(results_dir) / f"chunk_{w['group']}_{w['index']:+06d}.json", w)
+    w = prep.write_shard(job)
+    _dump(Path(results_dir) / f"written_{w['group']}_{w['index']:+06d}.json", w)
     return w
 
 
@@ -81,14 +81,14 @@ def build_pipeline(pipeline, st: dict):
             | "Parts" >> beam.FlatMap(_parts)
             | "ByGroup" >> beam.GroupByKey()
             | "Plan" >> beam.Map(_plan, st["params"], results)
-            | "ChunkJobs" >> beam.FlatMap(lambda p: p["jobs"])
+            | "ShardJobs" >> beam.FlatMap(lambda p: p["jobs"])
             | "Spread" >> beam.Reshuffle()
             | "Write" >> beam.Map(_write, results))
 
 
 def _read_results(results: Path):
     load = lambda pat: [json.loads(p.read_text()) for p in sorted(results.glob(pat))]  # noqa
-    return load("shard_*.json"), load("plan_*.json"), load("chunk_*.json")
+    return load("shard_*.json"), load("plan_*.json"), load("written_*.json")
 
 
 def run(cfg, workdir, input_dir=None, on_bad_record=None, pipeline_args=(),
@@ -125,11 +125,9 @@ def run(cfg, workdir, input_dir=None, on_bad_record=None, pipeline_args=(),
         finally:
             tempfile.tempdir = saved_tmp
             shutil.rmtree(st["tmp"], ignore_errors=True)
-        prep_log = dict(runner="beam", pipeline_args=list(pipeline_args),
-                        shards=len(shards), input_bytes=sum(r["bytes"] for r in shards),
-                        total_s=time.perf_counter() - t0)
-        fileio.write_json(out / prep.LOG_FILE, prep_log, sync=True)
-        prep._warn_bad(manifest)
+        prep.write_log(cfg, out, manifest, runner="beam", pipeline_args=list(pipeline_args),
+                       shards=len(shards), input_bytes=sum(r["bytes"] for r in shards),
+                       total_s=time.perf_counter() - t0)
         return manifest
 
 

@@ -12,7 +12,7 @@ is cut, or padded with `<fim_pad>`, back to `seq_len + 1` tokens, and the number
 tokens is returned so the loss mask can drop the padding.
 
 Why at load time and not at preparation: every draw is a pure function of
-(seed, stage, epoch, group, chunk, row), so an epoch's FIM samples are recomputed on demand
+(seed, stage, epoch, group, shard, row), so an epoch's FIM samples are recomputed on demand
 instead of stored. LLM360 materialised each epoch on disk (2 epochs of StarCoder in stage 2,
 3 in stage 3: ~5x the code tokens); here the prepared data is stored once, is identical for
 every stage and FIM rate, and replay/resume stay exact because the map is stateless.
@@ -94,10 +94,10 @@ class FimCodec:
         return np.asarray(self.sp.encode(text), np.int32)
 
 
-def fim_rng(seed: int, stage: int, epoch: int, group: int, chunk: int, row: int):
+def fim_rng(seed: int, stage: int, epoch: int, group: int, shard: int, row: int):
     """The generator of one record's FIM draws; independent per epoch (and stage)."""
     return np.random.Generator(np.random.PCG64(
-        np.random.SeedSequence([seed, 0x46494D, stage, epoch, group, chunk, row])))
+        np.random.SeedSequence([seed, 0x46494D, stage, epoch, group, shard, row])))
 
 
 def permute(frag_N: np.ndarray, codec: FimCodec, ids: FimIds, cuts: tuple[float, float],

@@ -4,14 +4,13 @@ Global batch N of stage S is records [N*B, (N+1)*B) of `StageMixture(S).dataset(
 p of P takes rows [p*B/P, (p+1)*B/P) of it and reads only those. The pipeline is a grain
 MapDataset (records -> examples -> batches of B/P, every P-th one from p) turned into an
 iterator with reader threads and, if configured, worker processes. Because every batch is
-a pure function of its step, the iterator state is just the step (plus quarantined chunks):
+a pure function of its step, the iterator state is just the step (plus quarantined shards):
 restoring rebuilds the iterator at `batches[step:]` without touching earlier batches, and
 `replay.replay_batch` computes any batch by indexing the same dataset.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -21,42 +20,25 @@ import grain
 import numpy as np
 
 from crystal import fileio
-from crystal.errors import DataError
 from crystal.data import fim as fim_lib
+from crystal.data import manifest as man_lib
 from crystal.data import mixture as mix_lib
+from crystal.data.chunks import numbering
+from crystal.data.manifest import data_dir
+from crystal.errors import DataError
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
-LEDGER = "skipped_chunks.json"
+STATE_FORMAT = 2      # 2: skips name shards ({'shard', 'from_step'})
+LEDGER = "skipped_shards.json"
 
 
-
-
-# ----------------------------------------------------------------------------- manifest
-
-
-def data_dir(workdir) -> Path:
-    return Path(workdir) / "data"
+# ----------------------------------------------------------------------------- ledger
 
 
 def read_manifest(workdir) -> tuple[dict, str]:
     """(manifest, sha256 of its bytes): the data identity checkpoints record."""
-    path = data_dir(workdir) / "manifest.json"
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no manifest (run crystal.data.prepare first)") from None
-    try:
-        man = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
-    for key in ("format", "seq_len", "groups", "tokenizer"):
-        if key not in man:
-            raise DataError(f"{path}: missing field {key!r}")
-    if man["format"] != 1:
-        raise DataError(f"{path}: field format: unsupported {man['format']!r}")
-    return man, hashlib.sha256(raw).hexdigest()
+    return man_lib.read(workdir)
 
 
 def read_ledger(workdir) -> dict:
@@ -79,7 +61,7 @@ def write_ledger(workdir, ledger: dict):
 class ExampleReader:
     """Provenance record -> training example; stateless apart from its mmap cache.
 
-    FIM draws are seeded by (seed, stage, epoch, group, chunk, row), so the example is a
+    FIM draws are seeded by (seed, stage, epoch, group, shard, row), so the example is a
     pure function of the record. Picklable for grain workers (mmaps reopen lazily).
     """
 
@@ -88,12 +70,12 @@ class ExampleReader:
         self.root = data_dir(workdir)
         self.seq_len = int(manifest["seq_len"])
         self.seed, self.stage, self.spm_rate = int(seed), int(stage), float(spm_rate)
-        self.group_names = sorted(manifest["groups"])
+        self.group_names = man_lib.group_names(manifest)
         self.paths = {}
         for gi, g in enumerate(self.group_names):
             gm = manifest["groups"][g]
-            for ch in gm["chunks"]:
-                self.paths[(gi, int(ch["index"]))] = (ch["path"], int(ch["num_sequences"]))
+            for sh in gm["shards"]:
+                self.paths[(gi, int(sh["index"]))] = (sh["path"], int(sh["num_sequences"]))
             if gm.get("val"):
                 self.paths[(gi, -1)] = (gm["val"]["path"], int(gm["val"]["num_sequences"]))
         self.fim_rates = [c.fim_rate for c in mixture.components] if mixture else []
@@ -123,8 +105,8 @@ class ExampleReader:
         self.__dict__.update(d)
         self._lock = threading.Lock()
 
-    def array(self, group: int, chunk: int) -> np.ndarray:
-        key = (group, chunk)
+    def array(self, group: int, shard: int) -> np.ndarray:
+        key = (group, shard)
         a = self._arrays.get(key)
         if a is not None:
             return a
@@ -140,24 +122,24 @@ class ExampleReader:
             try:
                 a = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
-                raise DataError(f"{path}: cannot read chunk: {e}") from None
+                raise DataError(f"{path}: cannot read shard: {e}") from None
             if a.ndim != 2 or a.shape != (n, self.seq_len + 1):
                 raise DataError(f"{path}: shape {a.shape}, manifest says "
                                   f"({n}, {self.seq_len + 1})")
             self._arrays[key] = a
         return a
 
-    def tokens(self, group: int, chunk: int, row: int) -> np.ndarray:
-        return np.asarray(self.array(group, chunk)[row], np.int32)
+    def tokens(self, group: int, shard: int, row: int) -> np.ndarray:
+        return np.asarray(self.array(group, shard)[row], np.int32)
 
     def __call__(self, rec: dict) -> dict:
-        toks_T = self.tokens(rec["group"], rec["chunk"], rec["row"])
+        toks_T = self.tokens(rec["group"], rec["shard"], rec["row"])
         T = toks_T.shape[0]
         rate = self.fim_rates[rec["component"]] if rec["component"] >= 0 else 0.0
         num_valid, num_fim = T, 0
         if rate > 0:
             rng = fim_lib.fim_rng(self.seed, self.stage, rec["epoch"], rec["group"],
-                                  rec["chunk"], rec["row"])
+                                  rec["shard"], rec["row"])
             toks_T, num_valid, num_fim = fim_lib.apply_fim(toks_T, rng, self.codec, self.ids,
                                                            rate, self.spm_rate)
         return make_example(toks_T, num_valid, rec, num_fim)
@@ -165,7 +147,7 @@ class ExampleReader:
 
 ROW_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids")
 SCALAR_FIELDS = {"source_id": np.int32, "group": np.int32, "component": np.int32,
-                 "chunk": np.int32, "row": np.int32, "epoch": np.int32, "index": np.int64,
+                 "shard": np.int32, "row": np.int32, "epoch": np.int32, "index": np.int64,
                  "fim": np.int32, "substituted": np.int32}
 
 
@@ -184,7 +166,7 @@ def make_example(toks_T: np.ndarray, num_valid: int, rec: dict, num_fim: int = 0
     seg_L[~valid_L] = 0
     return dict(inputs=inputs_L, targets=targets_L, loss_mask=loss_mask_L, segment_ids=seg_L,
                 source_id=rec["group"], group=rec["group"], component=rec["component"],
-                chunk=rec["chunk"], row=rec["row"], epoch=rec["epoch"], index=rec["index"],
+                shard=rec["shard"], row=rec["row"], epoch=rec["epoch"], index=rec["index"],
                 fim=num_fim, substituted=rec.get("substituted", 0))
 
 
@@ -203,7 +185,7 @@ class _ValRecord:
         self.group, self.num_val = group, num_val
 
     def __call__(self, j: int) -> dict:
-        return dict(index=int(j), component=-1, group=self.group, chunk=-1,
+        return dict(index=int(j), component=-1, group=self.group, shard=-1,
                     row=int(j) % self.num_val, epoch=int(j) // self.num_val)
 
 
@@ -213,16 +195,16 @@ class _ValRecord:
 class StageLoader:
     """Iterator over one stage's per-process batches; see the module docstring.
 
-    skip_chunks: chunk names ('group:index', fnmatch on group; or 'group/train_K.npy')
-    quarantined from step 0, or {'chunk', 'from_step'} dicts. Skips recorded in
-    WORKDIR/skipped_chunks.json for this stage are applied too (`use_ledger`).
+    skip_shards: shard names ('group:index', fnmatch on group; or 'group/shard_K.npy')
+    quarantined from step 0, or {'shard', 'from_step'} dicts. Skips recorded in
+    WORKDIR/skipped_shards.json for this stage are applied too (`use_ledger`).
     """
 
     def __init__(self, cfg, workdir, stage: int, process_index: int = 0,
-                 process_count: int = 1, skip_chunks=(), use_ledger: bool = True):
+                 process_count: int = 1, skip_shards=(), use_ledger: bool = True):
         self.cfg, self.workdir, self.stage = cfg, Path(workdir), int(stage)
         self.manifest, self.data_sha256 = read_manifest(workdir)
-        man_path = data_dir(workdir) / "manifest.json"
+        man_path = man_lib.path(workdir)
         if int(self.manifest["seq_len"]) != int(cfg.data.seq_len):
             raise DataError(f"{man_path}: seq_len {self.manifest['seq_len']} != config "
                               f"data.seq_len {cfg.data.seq_len}")
@@ -235,9 +217,8 @@ class StageLoader:
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.global_batch_size = B
         self.batch_size_per_process = B // process_count
-        self.group_names = sorted(self.manifest["groups"])
-        self.num_chunks = int(self.manifest.get("num_chunks", cfg.data.num_chunks))
-        self._skips_in = list(skip_chunks)
+        self.group_names = man_lib.group_names(self.manifest)
+        self._skips_in = list(skip_shards)
         if use_ledger:
             self._skips_in += read_ledger(workdir).get(f"stage_{self.stage}", [])
         try:
@@ -321,7 +302,7 @@ class StageLoader:
     # ------------------------------------------------------------------ state
 
     def get_state(self) -> dict:
-        """Small JSON state: the next step and the quarantined chunks, plus identity."""
+        """Small JSON state: the next step and the quarantined shards, plus identity."""
         return dict(format=STATE_FORMAT, stage=self.stage, step=self._step,
                     skips=[s.to_json() for s in self.mixture.skips],
                     data_sha256=self.data_sha256, seed=int(self.cfg.seed),
@@ -345,7 +326,7 @@ class StageLoader:
             raise DataError(f"loader state: field step {step} not in [0, {self.steps}]")
         try:
             merged = mix_lib.parse_skips([*self.mixture.skips, *state.get("skips", [])],
-                                         self.mixture.all_chunks)
+                                         self.mixture.all_shards)
         except DataError as e:
             raise DataError(f"loader state: field skips: {e}") from None
         self.close()
@@ -355,17 +336,17 @@ class StageLoader:
 
     # ------------------------------------------------------------------ quarantine
 
-    def skip_chunk(self, chunk: str, from_step: int | None = None):
-        """Quarantine a chunk from `from_step` (default: the next step) on; recorded in the
-        state and, by process 0, in WORKDIR/skipped_chunks.json (replay reads it)."""
+    def skip_shard(self, shard: str, from_step: int | None = None):
+        """Quarantine a shard from `from_step` (default: the next step) on; recorded in the
+        state and, by process 0, in WORKDIR/skipped_shards.json (replay reads it)."""
         from_step = self._step if from_step is None else int(from_step)
         self.close()
-        self._set_skips([*self.mixture.skips, {"chunk": chunk, "from_step": from_step}])
+        self._set_skips([*self.mixture.skips, {"shard": shard, "from_step": from_step}])
         if self.process_index == 0:
             ledger = read_ledger(self.workdir)
             ledger[f"stage_{self.stage}"] = [s.to_json() for s in self.mixture.skips]
             write_ledger(self.workdir, ledger)
-        log.warning("stage %d: chunk %s quarantined from step %d", self.stage, chunk,
+        log.warning("stage %d: shard %s quarantined from step %d", self.stage, shard,
                     from_step)
 
     def _set_skips(self, skips):
@@ -377,10 +358,15 @@ class StageLoader:
 
     # ------------------------------------------------------------------ bookkeeping
 
+    @property
+    def num_chunks(self) -> int:
+        """LLM360 data chunks in this stage (crystal.data.chunks.numbering)."""
+        return numbering.num_chunks(self.cfg, self.stage)
+
     def chunk_of_step(self, step: int) -> int:
-        """The training-progress data chunk of a step (release checkpoints): the stage's
-        steps split into num_chunks equal runs."""
-        return min(self.num_chunks - 1, int(step) * self.num_chunks // self.steps)
+        """The data chunk (within the stage) of a step: the run of steps between two
+        release checkpoints (crystal.data.chunks.numbering)."""
+        return numbering.chunk_of_step(self.cfg, self.stage, step)
 
     def val_batches(self, n: int, groups=None) -> dict[str, list[dict]]:
         """n deterministic validation batches per group (default: the stage's groups),

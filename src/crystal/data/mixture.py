@@ -1,11 +1,11 @@
-"""A stage's data mixture as an index: global record g -> (component, group, chunk, row, epoch).
+"""A stage's data mixture as an index: global record g -> (component, group, shard, row, epoch).
 
 Everything here is index arithmetic on grain `MapDataset`s, no I/O, so record g of a stage
 is computable in O(1) from the config, the manifest and the seed. That one function is the
 training order, the resume point (step * B) and the replay (docs/loader.md):
 
 - component c (one `stages.stage_N.mixture` entry) owns the rows of its groups' train
-  chunks, laid end to end (groups sorted, chunks by index): rows 0 .. n_c - 1;
+  shards, laid end to end (groups sorted, shards by index): rows 0 .. n_c - 1;
 - its stream is an endless sequence of epochs, each a fresh permutation of its rows seeded
   by (seed, stage, component, epoch): stream index k is row perm_e(k mod n_c), epoch
   e = k // n_c (`EpochShuffle`);
@@ -14,10 +14,10 @@ training order, the resume point (step * B) and the replay (docs/loader.md):
   component's share up to rounding), not a random draw;
 - the stage is the first steps * global_batch_size records of that mix.
 
-Quarantined chunks: from a skip's `from_step` on, a record whose row lies in a skipped chunk
+Quarantined shards: from a skip's `from_step` on, a record whose row lies in a skipped shard
 is replaced by a row drawn (seeded by component, epoch and skip level) from the component's
-remaining chunks. Every other record keeps its place, so a skip changes only the rows that
-came from the skipped chunk, and records before `from_step` are untouched.
+remaining shards. Every other record keeps its place, so a skip changes only the rows that
+came from the skipped shard, and records before `from_step` are untouched.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import grain
 import numpy as np
 
 from crystal import config as cfg_lib
+from crystal.data import manifest as man_lib
 from crystal.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,9 @@ class Component:
     weight: float
     epochs: int
     fim_rate: float
-    # One entry per (group, chunk), in universe order.
+    # One entry per (group, shard), in universe order.
     entry_group: np.ndarray      # int32 (E,) manifest group index
-    entry_chunk: np.ndarray      # int32 (E,) chunk index within the group
+    entry_shard: np.ndarray      # int32 (E,) shard index within the group
     entry_start: np.ndarray      # int64 (E,) first universe row of the entry
     entry_rows: np.ndarray       # int64 (E,)
     num_rows: int = 0            # n_c, derived
@@ -124,62 +125,62 @@ class Component:
 
 @dataclasses.dataclass(frozen=True)
 class Skip:
-    """Chunk `chunk` ('group:index') is quarantined from global step `from_step` on."""
-    chunk: str
+    """Shard `shard` ('group:index') is quarantined from global step `from_step` on."""
+    shard: str
     from_step: int
 
     def to_json(self) -> dict:
-        return {"chunk": self.chunk, "from_step": self.from_step}
+        return {"shard": self.shard, "from_step": self.from_step}
 
 
-def parse_skips(skips, all_chunks: set[tuple[str, int]]) -> list[Skip]:
-    """Names or {'chunk', 'from_step'} dicts -> validated, sorted, de-duplicated Skips.
+def parse_skips(skips, all_shards: set[tuple[str, int]]) -> list[Skip]:
+    """Names or {'shard', 'from_step'} dicts -> validated, sorted, de-duplicated Skips.
 
-    A name is 'group:index' (group may be an fnmatch pattern) or the chunk's manifest
-    path 'group/train_00003.npy'; a bare name applies from step 0.
+    A name is 'group:index' (group may be an fnmatch pattern) or the shard's manifest
+    path 'group/shard_00003.npy'; a bare name applies from step 0.
     """
     out = set()
     for s in skips:
         if isinstance(s, Skip):
-            name, step = s.chunk, s.from_step
+            name, step = s.shard, s.from_step
         elif isinstance(s, str):
             name, step = s, 0
-        elif isinstance(s, dict) and "chunk" in s:
-            name, step = s["chunk"], int(s.get("from_step", 0))
+        elif isinstance(s, dict) and "shard" in s:
+            name, step = s["shard"], int(s.get("from_step", 0))
         else:
-            raise DataError(f"skip_chunks: bad entry {s!r}; expected 'group:index' or "
-                               "{'chunk': ..., 'from_step': ...}")
-        for key in expand_chunk_name(name, all_chunks):
-            out.add(Skip(f"{key[0]}:{key[1]}", max(0, int(step))))
-    # Keep the earliest from_step per chunk.
+            raise DataError(f"skip_shards: bad entry {s!r}; expected 'group:index' or "
+                            "{'shard': ..., 'from_step': ...}")
+        for key in expand_shard_name(name, all_shards):
+            out.add(Skip(man_lib.shard_name(*key), max(0, int(step))))
+    # Keep the earliest from_step per shard.
     first: dict[str, Skip] = {}
-    for s in sorted(out, key=lambda s: (s.from_step, s.chunk)):
-        first.setdefault(s.chunk, s)
-    return sorted(first.values(), key=lambda s: (s.from_step, s.chunk))
+    for s in sorted(out, key=lambda s: (s.from_step, s.shard)):
+        first.setdefault(s.shard, s)
+    return sorted(first.values(), key=lambda s: (s.from_step, s.shard))
 
 
-def expand_chunk_name(name: str, all_chunks: set[tuple[str, int]]) -> list[tuple[str, int]]:
+def expand_shard_name(name: str, all_shards: set[tuple[str, int]]) -> list[tuple[str, int]]:
     name = str(name)
-    if "/" in name and name.endswith(".npy"):            # 'group/train_00003.npy'
+    if "/" in name and name.endswith(".npy"):            # 'group/shard_00003.npy'
         grp, fname = name.rsplit("/", 1)
         try:
-            idx = int(fname.removeprefix("train_").removesuffix(".npy"))
+            idx = int(fname.removeprefix("shard_").removesuffix(".npy"))
         except ValueError:
-            raise DataError(f"skip_chunks: {name!r} is not a train chunk path") from None
+            raise DataError(f"skip_shards: {name!r} is not a shard path") from None
         pats = (grp, idx)
     elif ":" in name:
         grp, idx_s = name.rsplit(":", 1)
         try:
             pats = (grp, int(idx_s))
         except ValueError:
-            raise DataError(f"skip_chunks: {name!r}: chunk index must be an integer") \
+            raise DataError(f"skip_shards: {name!r}: shard index must be an integer") \
                 from None
     else:
-        raise DataError(f"skip_chunks: {name!r}; expected 'group:index'")
-    hits = sorted(k for k in all_chunks if k[1] == pats[1]
+        raise DataError(f"skip_shards: {name!r}; expected 'group:index'")
+    hits = sorted(k for k in all_shards if k[1] == pats[1]
                   and fnmatch.fnmatchcase(k[0], pats[0]))
     if not hits:
-        raise DataError(f"skip_chunks: {name!r} names no chunk in the manifest")
+        raise DataError(f"skip_shards: {name!r} names no shard in the manifest")
     return hits
 
 
@@ -198,8 +199,8 @@ class StageMixture:
         self.num_records = self.steps * self.global_batch_size
         self.group_names = sorted(manifest["groups"])
         gidx = {g: i for i, g in enumerate(self.group_names)}
-        self.all_chunks = {(g, int(ch["index"])) for g, gm in manifest["groups"].items()
-                           for ch in gm["chunks"]}
+        self.all_shards = {(g, int(sh["index"])) for g, gm in manifest["groups"].items()
+                           for sh in gm["shards"]}
 
         self.components: list[Component] = []
         # Components in name order: the index must not depend on how the config was built
@@ -212,11 +213,11 @@ class StageMixture:
                                    f"in the manifest (have {self.group_names})")
             eg, ec, er = [], [], []
             for g in groups:
-                for ch in sorted(manifest["groups"][g]["chunks"], key=lambda c: c["index"]):
-                    if int(ch["num_sequences"]) > 0:
+                for sh in sorted(manifest["groups"][g]["shards"], key=lambda c: c["index"]):
+                    if int(sh["num_sequences"]) > 0:
                         eg.append(gidx[g])
-                        ec.append(int(ch["index"]))
-                        er.append(int(ch["num_sequences"]))
+                        ec.append(int(sh["index"]))
+                        er.append(int(sh["num_sequences"]))
             if not er:
                 raise DataError(f"{field}.groups: groups {groups} hold no train sequences")
             rows = np.asarray(er, np.int64)
@@ -225,10 +226,10 @@ class StageMixture:
             self.components.append(Component(
                 name=cname, index=ci, groups=groups, weight=float(comp.weight),
                 epochs=int(comp.epochs), fim_rate=float(comp.fim_rate),
-                entry_group=np.asarray(eg, np.int32), entry_chunk=np.asarray(ec, np.int32),
+                entry_group=np.asarray(eg, np.int32), entry_shard=np.asarray(ec, np.int32),
                 entry_start=np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64),
                 entry_rows=rows))
-        self.skips = parse_skips(skips, self.all_chunks)
+        self.skips = parse_skips(skips, self.all_shards)
         self._perm = Permutations()
         self._build_skip_levels()
         for p in self.plan():
@@ -262,17 +263,17 @@ class StageMixture:
         self._levels = []   # (first_record, {component: (allowed_entries, cum_rows)})
         steps = sorted({s.from_step for s in self.skips})
         for lvl, step in enumerate(steps):
-            skipped = {tuple(s.chunk.rsplit(":", 1)) for s in self.skips if s.from_step <= step}
+            skipped = {tuple(s.shard.rsplit(":", 1)) for s in self.skips if s.from_step <= step}
             skipped = {(g, int(i)) for g, i in skipped}
             per = {}
             for c in self.components:
                 bad = np.asarray([(self.group_names[g], int(k)) in skipped
-                                  for g, k in zip(c.entry_group, c.entry_chunk)])
+                                  for g, k in zip(c.entry_group, c.entry_shard)])
                 if not bad.any():
                     continue
                 ok = np.flatnonzero(~bad)
                 if not len(ok):
-                    raise DataError(f"skip_chunks: skipping {sorted(skipped)} leaves "
+                    raise DataError(f"skip_shards: skipping {sorted(skipped)} leaves "
                                        f"stage {self.stage} component {c.name} no data")
                 per[c.index] = (bad, ok, np.cumsum(c.entry_rows[ok]))
             self._levels.append((step * self.global_batch_size, lvl + 1, per))
@@ -314,7 +315,7 @@ class StageMixture:
         if sub is not None:
             entry, row = sub
         return dict(index=g, component=c, group=int(comp.entry_group[entry]),
-                    chunk=int(comp.entry_chunk[entry]), row=int(row), epoch=int(epoch),
+                    shard=int(comp.entry_shard[entry]), row=int(row), epoch=int(epoch),
                     substituted=int(sub is not None))
 
 

@@ -8,6 +8,9 @@ order, so every later step sees the same documents in the same order:
   the set name picks the group: `slimpajama.even.RedPajamaC4`.
 - StarCoder data: `*.parquet` with a `content` column; the folder is the language:
   `python/train-00000-of-00059.parquet` -> `starcoder.python`.
+- Released token rows: `*.jsonl` whose first line has `token_ids` (crystal.data.chunks
+  exports, LLM360's `train_NNN.jsonl`), one packed row per line; the line's `source` is
+  its group. The rows keep their order and are not tokenised again.
 - Anything else is plain text or code, one document per file, grouped by the top-level
   folder under the input: `text.<folder>`.
 
@@ -28,7 +31,10 @@ from typing import Iterator
 
 from crystal.errors import DataError
 
-SLIMPAJAMA, STARCODER, TEXT = "slimpajama", "starcoder", "text"
+SLIMPAJAMA, STARCODER, TEXT, TOKENS = "slimpajama", "starcoder", "text", "tokens"
+TOKEN_FIELD, SOURCE_FIELD = "token_ids", "source"   # LLM360's released rows
+RELEASE_INDEX = "chunks.json"   # a crystal.data.chunks export: its index and tokenizer are
+RELEASE_FILES = (RELEASE_INDEX, "tokenizer.model")   # not documents
 SLIMPAJAMA_SETS = (
     "RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaArXiv",
     "RedPajamaBook", "RedPajamaWikipedia", "RedPajamaStackExchange",
@@ -39,6 +45,8 @@ TEXT_SHARD_BYTES = 32 << 20
 READ_BYTES = 1 << 20
 MAX_EXAMPLES = 20          # bad-record examples kept in the manifest
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]*$")
+_GROUP_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
+PEEK_BYTES = 16 << 20      # a token row's first line is read whole to tell its kind
 _SKIP_DIRS = {"__pycache__"}
 
 
@@ -72,6 +80,7 @@ class Shard:
     relpaths: tuple[str, ...]  # relative to the input root (for the manifest)
     group: str = ""            # fixed group; '' for SlimPajama (the set name decides)
     parity: str = ""           # 'even' | 'odd' for SlimPajama
+    first_file: int = 0        # index of paths[0] among all input files (provenance)
 
 
 class BadRecords:
@@ -118,8 +127,30 @@ class BadRecords:
 # ----------------------------------------------------------------------------- discovery
 
 
-def _kind(name: str) -> str:
-    if name.endswith(".jsonl") or name.endswith(".jsonl.zst"):
+def _is_token_file(path: Path) -> bool:
+    """A plain .jsonl file whose first line is an object with `token_ids`."""
+    head = b""
+    try:
+        with open(path, "rb") as f:
+            while b"\n" not in head and len(head) < PEEK_BYTES:
+                block = f.read(1 << 16)
+                if not block:
+                    break
+                head += block
+    except OSError:
+        return False
+    try:
+        rec = json.loads(head.split(b"\n", 1)[0])
+    except ValueError:
+        return False
+    return isinstance(rec, dict) and TOKEN_FIELD in rec
+
+
+def _kind(path: Path) -> str:
+    name = path.name
+    if name.endswith(".jsonl"):
+        return TOKENS if _is_token_file(path) else SLIMPAJAMA
+    if name.endswith(".jsonl.zst"):
         return SLIMPAJAMA
     if name.endswith(".parquet"):
         return STARCODER
@@ -133,54 +164,70 @@ def _check_name(name: str, what: str, path) -> str:
     return name
 
 
-def discover(input_dir) -> list[Shard]:
-    """The shards of an input folder, in sorted relative-path order."""
-    root = Path(input_dir)
+def _list_files(root: Path) -> list[tuple[str, Path]]:
+    """(relpath, path) of the input files, sorted; hidden files, `__pycache__` and a
+    release's index and tokenizer left out."""
     if not root.exists():
         raise DataError(f"{root}: input folder does not exist")
     if not root.is_dir():
         raise DataError(f"{root}: input is not a folder")
+    release = (root / RELEASE_INDEX).is_file()
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIP_DIRS)
         for f in sorted(filenames):
-            if not f.startswith("."):
-                p = Path(dirpath) / f
+            p = Path(dirpath) / f
+            if not f.startswith(".") and not (release and p.parent == root and
+                                              f in RELEASE_FILES):
                 files.append((p.relative_to(root).as_posix(), p))
     files.sort()
     if not files:
         raise DataError(f"{root}: no input files")
+    return files
 
+
+def discover(input_dir) -> list[Shard]:
+    """The shards of an input folder, in sorted relative-path order."""
+    root = Path(input_dir)
+    files = _list_files(root)
     shards: list[Shard] = []
     text_batch: list = []   # (rel, path, group) of the current text shard
     text_bytes = 0
+
+    def first_file():
+        return sum(len(s.paths) for s in shards)
 
     def flush_text():
         nonlocal text_batch, text_bytes
         if text_batch:
             shards.append(Shard(len(shards), TEXT, tuple(str(p) for _, p, _ in text_batch),
-                                tuple(r for r, _, _ in text_batch), group=text_batch[0][2]))
+                                tuple(r for r, _, _ in text_batch), group=text_batch[0][2],
+                                first_file=first_file()))
         text_batch, text_bytes = [], 0
 
     for rel, path in files:
-        kind = _kind(path.name)
+        kind = _kind(path)
         if kind != TEXT:
             flush_text()
-        if kind == SLIMPAJAMA:
+        if kind == TOKENS:
+            shards.append(Shard(len(shards), TOKENS, (str(path),), (rel,),
+                                first_file=first_file()))
+        elif kind == SLIMPAJAMA:
             stem = path.name.split(".")[0]
             m = re.search(r"(\d+)$", stem)
             if not m:
                 raise DataError(f"{path}: SlimPajama file name needs a trailing shard number "
                                 "(example_train_K) to tell the even from the odd half")
             parity = "even" if int(m.group(1)) % 2 == 0 else "odd"
-            shards.append(Shard(len(shards), SLIMPAJAMA, (str(path),), (rel,), parity=parity))
+            shards.append(Shard(len(shards), SLIMPAJAMA, (str(path),), (rel,), parity=parity,
+                                first_file=first_file()))
         elif kind == STARCODER:
             if "/" not in rel:
                 raise DataError(f"{path}: StarCoder parquet files live in one folder per "
                                 "language (python/, html/, ...)")
             lang = _check_name(path.parent.name, "language folder", path)
             shards.append(Shard(len(shards), STARCODER, (str(path),), (rel,),
-                                group=f"starcoder.{lang}"))
+                                group=f"starcoder.{lang}", first_file=first_file()))
         else:
             top = rel.split("/")[0] if "/" in rel else root.resolve().name
             group = "text." + _check_name(top, "text folder", path)
@@ -276,8 +323,9 @@ def _lines(blocks) -> Iterator[bytes]:
         yield buf
 
 
-def _read_jsonl(shard: Shard, bad: BadRecords):
-    path, rel = shard.paths[0], shard.relpaths[0]
+def _json_records(path, rel, bad: BadRecords):
+    """(line number, object) of a JSON lines file (.jsonl or .jsonl.zst); bad lines are
+    reported to `bad`."""
     blocks = _zst_bytes(path) if path.endswith(".zst") else _plain_bytes(path)
     for n, raw in enumerate(_lines(blocks), start=1):
         if raw.endswith(b"\r"):
@@ -298,6 +346,12 @@ def _read_jsonl(shard: Shard, bad: BadRecords):
         if not isinstance(rec, dict):
             bad.add(path, rel, n, "invalid_json", "not an object")
             continue
+        yield n, rec
+
+
+def _read_jsonl(shard: Shard, bad: BadRecords):
+    path, rel = shard.paths[0], shard.relpaths[0]
+    for n, rec in _json_records(path, rel, bad):
         meta = rec.get("meta")
         name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
         if not isinstance(name, str) or not name:
@@ -308,7 +362,25 @@ def _read_jsonl(shard: Shard, bad: BadRecords):
             continue
         text = rec.get("text")
         if _check_text(text, bad, path, rel, n, "text"):
-            yield f"slimpajama.{shard.parity}.{name}", text
+            yield f"slimpajama.{shard.parity}.{name}", text, n
+
+
+def _read_token_rows(shard: Shard, bad: BadRecords):
+    """(source, token ids, line) of released rows; prepare checks length and vocabulary."""
+    path, rel = shard.paths[0], shard.relpaths[0]
+    for n, rec in _json_records(path, rel, bad):
+        ids, source = rec.get(TOKEN_FIELD), rec.get(SOURCE_FIELD)
+        if ids is None or source is None:
+            bad.add(path, rel, n, "missing_field", TOKEN_FIELD if ids is None else SOURCE_FIELD)
+        elif not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            bad.add(path, rel, n, "bad_field_type", f"{TOKEN_FIELD} is not a list of integers")
+        elif not isinstance(source, str) or not _GROUP_OK.match(source):
+            bad.add(path, rel, n, "bad_field_value", f"{SOURCE_FIELD}={str(source)[:40]!r} is "
+                    "not a usable data group name (letters, digits, . _ + -)")
+        elif not ids:
+            bad.add(path, rel, n, "empty_document", TOKEN_FIELD)
+        else:
+            yield source, ids, n
 
 
 def _read_parquet(shard: Shard, bad: BadRecords):
@@ -341,7 +413,7 @@ def _read_parquet(shard: Shard, bad: BadRecords):
                     bad.add(path, rel, row, "non_utf8", f"content byte {e.start}")
                     continue
             if _check_text(value, bad, path, rel, row, "content"):
-                yield shard.group, value
+                yield shard.group, value, row
 
 
 def _read_text(path, rel, group, bad: BadRecords):
@@ -353,13 +425,18 @@ def _read_text(path, rel, group, bad: BadRecords):
         bad.add(path, rel, None, "non_utf8", f"byte {e.start}")
         return
     if _check_text(text, bad, path, rel, None, "file"):
-        yield group, text
+        yield group, text, 1
 
 
-def read_shard(shard: Shard, bad: BadRecords) -> Iterator[tuple[str, str]]:
-    """(group, text) for the good documents of a one-file shard; may raise _FileError."""
+def read_shard(shard: Shard, bad: BadRecords) -> Iterator[tuple[str, str, int]]:
+    """(group, text, record) for the good documents of a one-file shard; may raise
+    _FileError. The record is the document's line (JSON lines) or row (Parquet), from 1 as
+    error messages count; 1 for a text file (one document per file). For token rows the
+    text is the list of token ids."""
     if shard.kind == SLIMPAJAMA:
         yield from _read_jsonl(shard, bad)
+    elif shard.kind == TOKENS:
+        yield from _read_token_rows(shard, bad)
     elif shard.kind == STARCODER:
         yield from _read_parquet(shard, bad)
     else:
@@ -368,7 +445,7 @@ def read_shard(shard: Shard, bad: BadRecords) -> Iterator[tuple[str, str]]:
 
 
 def read_file(shard: Shard, i: int, bad: BadRecords):
-    """All documents of the shard's i-th file, or None when the file was dropped.
+    """All (group, text, record) of the shard's i-th file, or None when it was dropped.
 
     Reading a whole file before handing its documents on is what keeps a file that breaks
     half-way (truncated .zst, corrupt parquet row group) out of the data entirely.
@@ -394,7 +471,8 @@ def read_file(shard: Shard, i: int, bad: BadRecords):
 
 
 def iter_files(shard: Shard, bad: BadRecords):
-    """Per file of the shard: its list of (group, text), or None if the file was dropped."""
+    """Per file of the shard: its list of (group, text, record), or None if the file was
+    dropped."""
     for i in range(len(shard.paths)):
         yield read_file(shard, i, bad)
 
@@ -404,5 +482,27 @@ def iter_documents(input_dir, on_bad_record="fail") -> Iterator[tuple[str, str]]
     bad = BadRecords(on_bad_record)
     for shard in discover(input_dir):
         for docs in iter_files(shard, bad):
-            if docs:
-                yield from docs
+            for group, text, _ in docs or ():
+                yield group, text
+
+
+def read_record(path, record: int) -> dict:
+    """The input record a document came from (provenance): a JSON line's object, a
+    Parquet row's columns, or {'text': ...} for a text file. `record` counts from 1."""
+    path, record = Path(path), int(record)
+    bad = BadRecords("skip")
+    try:
+        if path.name.endswith((".jsonl", ".jsonl.zst")):
+            for n, rec in _json_records(str(path), path.name, bad):
+                if n == record:
+                    return rec
+        elif path.name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            table = pq.read_table(path)
+            if 1 <= record <= table.num_rows:
+                return table.slice(record - 1, 1).to_pylist()[0]
+        elif record == 1:
+            return {"text": path.read_text(encoding="utf-8")}
+    except (OSError, _FileError) as e:
+        raise DataError(f"{path}: cannot read record {record}: {e}") from None
+    raise DataError(f"{path}: has no record {record}")

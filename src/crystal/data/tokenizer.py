@@ -176,7 +176,7 @@ def training_sentences(input_dir, max_sentences: int, seed: int, on_bad_record="
     bad = BadRecords(on_bad_record)
     for shard in _shard_order(discover(input_dir)):
         for i in range(len(shard.paths)):
-            for _, text in read_file(shard, i, bad) or ():
+            for _, text, _ in read_file(shard, i, bad) or ():
                 pool.extend(l for l in text.split("\n") if l.strip())
         if len(pool) >= 2 * max_sentences:
             break

@@ -5,38 +5,38 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from crystal import cli, fileio
+from crystal.data import manifest as man_lib
 from crystal.errors import DataError
 
 
-def _files(man: dict):
-    """(relpath, entry) of every chunk and val file, in manifest order."""
-    for g, e in man.get("groups", {}).items():
-        for c in e.get("chunks", []):
-            yield c["path"], c
-        if e.get("val"):
-            yield e["val"]["path"], e["val"]
+def _shape_problem(rel: str, a: np.ndarray, e: dict, L1: int, dtype) -> str | None:
+    """What is wrong with a hashed array's shape or dtype, if anything."""
+    if "num_documents" in e:       # a group's document table
+        want, wdt = (e["num_documents"], 4), np.dtype(np.int64)
+    else:
+        want, wdt = (e["num_sequences"], L1), dtype
+    if a.shape != want or a.dtype != wdt:
+        return f"{rel}: shape {a.shape} {a.dtype}, manifest says {want} {wdt}"
+    if "num_tokens" in e and a.size != e["num_tokens"]:
+        return f"{rel}: {a.size} tokens, manifest says {e['num_tokens']}"
+    return None
 
 
 def verify(workdir) -> tuple[int, list[str]]:
     """(files checked, problems); no problems means every byte matches the manifest."""
-    root = Path(workdir) / "data"
-    mpath = root / "manifest.json"
+    root = man_lib.data_dir(workdir)
     try:
-        man = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        return 0, [f"{mpath}: no manifest"]
-    except json.JSONDecodeError as e:
-        return 0, [f"{mpath}:{e.lineno}: bad JSON: {e.msg}"]
+        man, _ = man_lib.read(workdir)
+    except DataError as e:
+        return 0, [str(e)]
     problems = []
-    tok = man.get("tokenizer", {})
-    tpath = root / tok.get("path", "tokenizer.model")
+    tok = man["tokenizer"]
+    tpath = root / tok.get("path", man_lib.TOKENIZER_FILE)
     n = 1
     if not tpath.exists():
         problems.append(f"{tok.get('path')}: missing")
@@ -45,7 +45,7 @@ def verify(workdir) -> tuple[int, list[str]]:
                         f"file {fileio.file_sha256(tpath)})")
     L1 = int(man["seq_len"]) + 1
     dtype = np.dtype(man["dtype"])
-    for rel, e in _files(man):
+    for rel, e in man_lib.files(man):
         n += 1
         p = root / rel
         if not p.exists():
@@ -55,16 +55,16 @@ def verify(workdir) -> tuple[int, list[str]]:
         if digest != e["sha256"]:
             problems.append(f"{rel}: sha256 mismatch (manifest {e['sha256']}, file {digest})")
             continue
+        if not rel.endswith(".npy"):
+            continue
         try:
             a = np.load(p, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:
             problems.append(f"{rel}: unreadable ({err})")
             continue
-        if a.shape != (e["num_sequences"], L1) or a.dtype != dtype:
-            problems.append(f"{rel}: shape {a.shape} {a.dtype}, manifest says "
-                            f"({e['num_sequences']}, {L1}) {dtype}")
-        elif a.size != e["num_tokens"]:
-            problems.append(f"{rel}: {a.size} tokens, manifest says {e['num_tokens']}")
+        bad = _shape_problem(rel, a, e, L1, dtype)
+        if bad:
+            problems.append(bad)
     return n, problems
 
 
@@ -75,10 +75,11 @@ def main(argv=None):
             print(f"bad: {p}", file=sys.stderr)
         if problems:
             raise DataError(f"{len(problems)} of {n} files failed verification against "
-                            f"{Path(args.workdir) / 'data' / 'manifest.json'}")
-        print(f"ok: {n} files match {Path(args.workdir) / 'data' / 'manifest.json'}")
+                            f"{man_lib.path(args.workdir)}")
+        print(f"ok: {n} files match {man_lib.path(args.workdir)}")
     return cli.run(body, doc=__doc__.split("\n\n")[0], argv=argv,
-            flags=[cli.Flag("workdir", "run folder holding data/manifest.json", required=True)])
+                   flags=[cli.Flag("workdir", "run folder holding data/manifest.json",
+                                   required=True)])
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def heldout_set(cfg, workdir, rows_per_source: int) -> dict:
         n = min(int(rows_per_source), int(val["num_sequences"]) if val else 0)
         if n == 0:
             continue
-        examples += [dict(reader(dict(index=j, component=-1, group=gi, chunk=-1, row=j,
+        examples += [dict(reader(dict(index=j, component=-1, group=gi, shard=-1, row=j,
                                       epoch=0)), source_id=len(sources)) for j in range(n)]
         sha[g] = fileio.sha256_bytes(np.ascontiguousarray(reader.array(gi, -1)[:n]).tobytes())
         files[g] = val["sha256"]

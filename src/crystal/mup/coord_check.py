@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from crystal import cli, fileio
 from crystal import config as config_lib
 from crystal import model as model_lib
 from crystal import optim
+from crystal.data import manifest as man_lib
 from crystal.data import prepare
 from crystal.metrics import plots
 from crystal.errors import UsageError
@@ -122,15 +122,14 @@ def stdlib_batch(batch_size: int, seq_len: int, vocab_size: int):
 
 
 def prepared_batch(cfg, workdir: str, batch_size: int, seq_len: int):
-    """The first rows of the first train chunk of a prepared workdir (prepared if needed)."""
+    """The first rows of the first train shard of a prepared workdir (prepared if needed)."""
     prepare.ensure_prepared(cfg, workdir)
-    root = Path(workdir) / "data"
-    manifest = json.loads((root / "manifest.json").read_text())
-    group = sorted(manifest["groups"])[0]
-    chunk = manifest["groups"][group]["chunks"][0]["path"]
-    rows = np.load(root / chunk, mmap_mode="r", allow_pickle=False)
+    manifest, _ = man_lib.read(workdir)
+    group = man_lib.group_names(manifest)[0]
+    path = man_lib.data_dir(workdir) / manifest["groups"][group]["shards"][0]["path"]
+    rows = np.load(path, mmap_mode="r", allow_pickle=False)
     if rows.shape[0] < batch_size or rows.shape[1] < seq_len + 1:
-        raise ValueError(f"{root / chunk}: shape {rows.shape} has too few rows/tokens for "
+        raise ValueError(f"{path}: shape {rows.shape} has too few rows/tokens for "
                          f"batch {batch_size} x {seq_len + 1}")
     return np.asarray(rows[:batch_size, : seq_len + 1], np.int32)
 

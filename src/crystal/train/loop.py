@@ -451,17 +451,17 @@ def _train_stage(r: _Run, n: int, state, loader, sig: Signals):
 def _next_batch(r: _Run, loader):
     """The next batch on the mesh, and each row's shard name (for quarantine)."""
     batch = next(loader)
-    g, c = np.asarray(batch["group"]).reshape(-1), np.asarray(batch["chunk"]).reshape(-1)
+    g, c = np.asarray(batch["group"]).reshape(-1), np.asarray(batch["shard"]).reshape(-1)
     names = [f"{r.group_names[int(a)]}:{int(b)}" for a, b in zip(g, c)]
     # Always present (zeros unless faults are injected), so there is one compiled step.
-    batch["poison"] = _poison(names, r.cfg.train.fault_nan_chunks)
+    batch["poison"] = _poison(names, r.cfg.train.fault_nan_shards)
     dev = sharding_lib.global_batch({k: v for k, v in batch.items()
                                      if k in step_lib.STEP_KEYS}, r.batch_sharding, r.rows)
     return dev, names
 
 
 def _poison(names: list[str], patterns: str) -> np.ndarray:
-    """Per-row NaN for rows of `train.fault_nan_chunks` (fnmatch on 'group:index'), else 0."""
+    """Per-row NaN for rows of `train.fault_nan_shards` (fnmatch on 'group:index'), else 0."""
     pats = [p.strip() for p in patterns.split(",") if p.strip()]
     return np.asarray([np.nan if any(fnmatch.fnmatchcase(nm, p) for p in pats) else 0.0
                        for nm in names], np.float32)
@@ -574,9 +574,9 @@ def _rollback(r: _Run, n: int, bad: BadSteps, loader):
     a data fault shows in its own rows' losses), from that step on; log it in
     quarantine.json. The abandoned timeline's checkpoints are set aside, never deleted."""
     culprit, hits = bad.culprit()
-    if culprit in {s.chunk for s in loader.mixture.skips}:
+    if culprit in {s.shard for s in loader.mixture.skips}:
         raise TrainError(f"stage {n}: {len(bad.steps)} non-finite steps within "
-                         f"{r.cfg.train.bad_step_window} steps although chunk {culprit} is "
+                         f"{r.cfg.train.bad_step_window} steps although shard {culprit} is "
                          "already quarantined; not a data problem (check the LR / config)")
     first_bad = bad.steps[0][0]
     r.ckpt.wait()
@@ -591,9 +591,9 @@ def _rollback(r: _Run, n: int, bad: BadSteps, loader):
         if s > step:
             r.ckpt.set_aside(s, r.workdir / "quarantine" / "checkpoints")
     from_step = loader.step
-    loader.skip_chunk(culprit, from_step=from_step)
+    loader.skip_shard(culprit, from_step=from_step)
     r.skipped_total += len(bad.steps)
-    rec = dict(stage=n, chunk=culprit, from_stage_step=from_step,
+    rec = dict(stage=n, shard=culprit, from_stage_step=from_step,
                bad_stage_steps=[int(s) for s, _ in bad.steps], in_bad_steps=hits,
                rolled_back_to_step=int(step), time=time.time())
     _quarantine(r, rec)
@@ -602,7 +602,7 @@ def _rollback(r: _Run, n: int, bad: BadSteps, loader):
             bad_stage_steps=rec["bad_stage_steps"])
     r.event("quarantine", state, loader, n, shard=culprit, from_stage_step=from_step)
     r.progress.write(f"warning: {len(bad.steps)} bad steps in stage {n}; rolled back to step "
-                     f"{step}, chunk {culprit} quarantined from stage step {from_step} "
+                     f"{step}, shard {culprit} quarantined from stage step {from_step} "
                      f"(see {r.workdir / QUARANTINE_FILE})")
     bad.clear()
     r.summary["rollbacks"] += 1
@@ -633,5 +633,5 @@ def _quarantine(r: _Run, rec: dict):
     path = r.workdir / QUARANTINE_FILE
     have = fileio.read_json(path, TrainError) if path.exists() else {"incidents": []}
     have["incidents"].append(rec)
-    have["chunks"] = sorted({i["chunk"] for i in have["incidents"]})
+    have["shards"] = sorted({i["shard"] for i in have["incidents"]})
     fileio.write_json(path, have, sort_keys=True)

@@ -156,7 +156,7 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, num_sources: i
     the step counter still advances, since the data did.
 
     `batch['poison']` (per-row floats added to loss and gradients; NaN injects a fault) is
-    how `train.fault_nan_chunks` and the tests make a data chunk's steps go bad.
+    how `train.fault_nan_shards` and the tests make a data shard's steps go bad.
     """
     spec = model_lib.ModelSpec.from_config(cfg)
     accum = int(cfg.train.grad_accum)
