@@ -33,12 +33,13 @@ def _cli(*args):
 
 @pytest.fixture(scope="module")
 def release(loader_workdir, tmp_path_factory):
-    """Data chunk 1 of stage 2, exported by the command line."""
+    """The data chunks of stage 2, exported by the command line with two processes."""
     out = tmp_path_factory.mktemp("release") / "r"
     r = _cli("crystal.data.chunks", f"--workdir={loader_workdir}", f"--stage={STAGE}",
-             f"--chunk={CHUNK}", f"--out={out}")
+             "--all", "--workers=2", f"--out={out}")
     assert r.returncode == 0, r.stderr
     assert "train_00005.jsonl  stage 2 chunk 1  steps 30..59  480 rows" in r.stdout
+    assert r.stdout.strip().splitlines()[-1] == f"wrote 4 data chunks to {out}"
     return out
 
 
@@ -65,12 +66,14 @@ def test_export_is_what_the_loader_fed_and_rebuilds_bit_identical(loader_workdir
                                                                   tmp_path):
     wd, cfg = loader_workdir, tiny()
     (chunk,) = numbering.select(cfg, STAGE, CHUNK)
-    again = export.export(cfg, wd, tmp_path / "again", [chunk], threads=1)
-    for name in ("chunks.json", "tokenizer.model", chunk.file):
+    # Rebuilt alone, in this process: the same bytes as by two processes along with others.
+    again = export.export(cfg, wd, tmp_path / "again", [chunk])
+    for name in ("tokenizer.model", chunk.file):
         assert (release / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     index = json.loads((release / "chunks.json").read_text())
-    assert index == again
-    e = index["chunks"][0]
+    assert [c["path"] for c in index["chunks"]] == [f"train_{n:05d}.jsonl" for n in (4, 5, 6, 7)]
+    assert index == dict(again, chunks=index["chunks"]) and index["chunks"][1] == again["chunks"][0]
+    e = index["chunks"][1]
     assert (e["chunk"], e["stage"], e["index"], e["path"]) == (5, 2, 1, "train_00005.jsonl")
     assert e["steps"] == [30, 60] and e["checkpoint_step"] == 120 + 60
     man, sha = man_lib.read(wd)
@@ -129,7 +132,7 @@ def test_import_reads_the_release_back(release, tmp_path):
     assert verify.verify(wd)[1] == []
     assert man["tokenizer"]["sha256"] == json.loads(
         (release / "chunks.json").read_text())["tokenizer"]["sha256"]
-    rows = _rows(release / "train_00005.jsonl")
+    rows = [r for n in (4, 5, 6, 7) for r in _rows(release / f"train_{n:05d}.jsonl")]
     for g, e in man["groups"].items():
         want = [r["token_ids"] for r in rows if r["source"] == g]
         got = np.concatenate([np.load(wd / "data" / s["path"], allow_pickle=False)
@@ -137,11 +140,12 @@ def test_import_reads_the_release_back(release, tmp_path):
         assert got.tolist() == want and e["num_documents"] == len(want)
     prov = Provenance(wd, man)
     (span,) = prov.spans("starcoder.python", 0, 0)
-    line = [i for i, r in enumerate(rows, 1) if r["source"] == "starcoder.python"][
+    first = _rows(release / "train_00004.jsonl")
+    line = [i for i, r in enumerate(first, 1) if r["source"] == "starcoder.python"][
         man["groups"]["starcoder.python"]["val"]["num_sequences"]]
     assert (span["file"], span["record"], span["start"], span["end"]) == (
-        "train_00005.jsonl", line, 0, 129)
-    assert prov.record(span, cfg)["token_ids"] == rows[line - 1]["token_ids"]
+        "train_00004.jsonl", line, 0, 129)
+    assert prov.record(span, cfg)["token_ids"] == first[line - 1]["token_ids"]
     # ... and a run can train on it: the stage's loader reads the imported groups.
     ld = StageLoader(tiny(**{"data.num_shards": 2}), wd, STAGE)
     assert next(ld)["inputs"].shape == (16, 128)
@@ -214,11 +218,11 @@ def test_edited_or_truncated_release_files_are_refused(release, tmp_path):
 
     def edit_index(d):
         idx = json.loads((d / "chunks.json").read_text())
-        idx["chunks"][0]["sha256"] = "0" * 64
+        idx["chunks"][1]["sha256"] = "0" * 64          # train_00005.jsonl's
         (d / "chunks.json").write_text(json.dumps(idx))
 
     def extra_file(d):
-        shutil.copy(d / "train_00005.jsonl", d / "train_00006.jsonl")
+        shutil.copy(d / "train_00005.jsonl", d / "train_00009.jsonl")
 
     for name, edit, msg in (
             ("truncated", truncate, r"train_00005.jsonl: sha256 \w+ does not match .*"
@@ -226,7 +230,7 @@ def test_edited_or_truncated_release_files_are_refused(release, tmp_path):
             ("edited", edit_row, r"train_00005.jsonl: sha256 \w+ does not match"),
             ("index", edit_index, r"train_00005.jsonl: sha256 \w+ does not match .*"
                                   r"chunks.json \(0{64}\)"),
-            ("extra", extra_file, r"train_00006.jsonl: not listed in .*chunks.json")):
+            ("extra", extra_file, r"train_00009.jsonl: not listed in .*chunks.json")):
         d = broken(name, edit)
         wd = tmp_path / f"wd_{name}"
         with pytest.raises(DataError, match=msg):

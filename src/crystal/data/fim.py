@@ -86,7 +86,7 @@ class FimCodec:
         return self.sp.get_piece_size()
 
     def decode(self, ids_N) -> str:
-        return self.sp.decode([int(i) for i in ids_N])
+        return self.sp.decode(np.asarray(ids_N).tolist())
 
     def encode(self, text: str) -> np.ndarray:
         if not text:
@@ -96,8 +96,12 @@ class FimCodec:
 
 def fim_rng(seed: int, stage: int, epoch: int, group: int, shard: int, row: int):
     """The generator of one record's FIM draws; independent per epoch (and stage)."""
-    return np.random.Generator(np.random.PCG64(
-        np.random.SeedSequence([seed, 0x46494D, stage, epoch, group, shard, row])))
+    words = [seed, 0x46494D, stage, epoch, group, shard, row]
+    # As a uint32 array the same entropy is read 6x faster than as a list of Python ints
+    # (SeedSequence takes each int below 2**32 as one word either way).
+    if all(0 <= w < 1 << 32 for w in words):
+        words = np.asarray(words, np.uint32)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
 
 
 def permute(frag_N: np.ndarray, codec: FimCodec, ids: FimIds, cuts: tuple[float, float],
@@ -106,12 +110,12 @@ def permute(frag_N: np.ndarray, codec: FimCodec, ids: FimIds, cuts: tuple[float,
     text = codec.decode(frag_N)
     n = len(text)
     lo, hi = sorted(min(int(u * (n + 1)), n) for u in cuts)
-    prefix, middle, suffix = (codec.encode(text[:lo]), codec.encode(text[lo:hi]),
-                              codec.encode(text[hi:]))
-    p, m, s = [ids.prefix], [ids.middle], [ids.suffix]
-    parts = ([p, s, suffix, m, prefix, middle] if spm_order
-             else [p, prefix, s, suffix, m, middle])
-    return np.concatenate([np.asarray(x, np.int32) for x in parts])
+    # Python lists until the end: a few short pieces, where numpy's per-call cost dominates.
+    prefix, middle, suffix = (codec.sp.encode(t) if t else []
+                              for t in (text[:lo], text[lo:hi], text[hi:]))
+    seq = ([ids.prefix, ids.suffix, *suffix, ids.middle, *prefix, *middle] if spm_order
+           else [ids.prefix, *prefix, ids.suffix, *suffix, ids.middle, *middle])
+    return np.asarray(seq, np.int32)
 
 
 def apply_fim(row_T: np.ndarray, rng: np.random.Generator, codec: FimCodec, ids: FimIds,

@@ -238,6 +238,11 @@ class StageLoader:
     def _build(self):
         self._examples = self.mixture.dataset().map(self.reader)
 
+    def examples(self) -> grain.MapDataset:
+        """MapDataset: element g is record g's example; global batch N stacks elements
+        [N*B, (N+1)*B) (the data-chunk export reads rows here, unbatched)."""
+        return self._examples
+
     def global_batches(self) -> grain.MapDataset:
         """MapDataset: element N is global batch N (all B rows, in row order)."""
         return self._examples.batch(self.global_batch_size, batch_fn=collate)

@@ -40,8 +40,10 @@ class Provenance:
             if not e:
                 raise DataError(f"{man_lib.path(self.workdir)}: group {group} has no "
                                 "document table; prepare the data again")
+            # Memory-mapped (a group may have a billion documents), viewed as a plain array:
+            # np.memmap's per-slice bookkeeping costs more than the lookup.
             t = np.load(man_lib.data_dir(self.workdir) / e["path"], mmap_mode="r",
-                        allow_pickle=False)
+                        allow_pickle=False).view(np.ndarray)
             self._tables[group] = t
         return t
 
@@ -58,17 +60,14 @@ class Provenance:
         t = self.table(group)
         s = self.offset(group, shard) + int(row) * self.L1
         e = s + self.L1
-        ends = t[:, man_lib.DOC_END]
-        i0 = int(np.searchsorted(ends, s, "right"))
-        i1 = int(np.searchsorted(ends, e - 1, "right")) + 1
-        rows = np.asarray(t[i0:i1])
+        i0, i1 = np.searchsorted(t[:, man_lib.DOC_END], (s, e - 1), "right").tolist()
+        rows = t[i0:i1 + 1]
         begin = rows[:, man_lib.DOC_END] - rows[:, man_lib.DOC_TOKENS]
         lo = np.maximum(begin, s) - begin
         hi = np.minimum(rows[:, man_lib.DOC_END], e) - begin
-        return [dict(doc=i0 + k, file=self.sources[int(r[man_lib.DOC_FILE])],
-                     record=int(r[man_lib.DOC_RECORD]), start=int(a), end=int(b),
-                     tokens=int(r[man_lib.DOC_TOKENS]))
-                for k, (r, a, b) in enumerate(zip(rows, lo, hi))]
+        return [dict(doc=i0 + k, file=self.sources[r[man_lib.DOC_FILE]],
+                     record=r[man_lib.DOC_RECORD], start=a, end=b, tokens=r[man_lib.DOC_TOKENS])
+                for k, (r, a, b) in enumerate(zip(rows.tolist(), lo.tolist(), hi.tolist()))]
 
     def input_root(self, cfg=None) -> Path | None:
         """The input folder the files are relative to, if it is still there (the sample

@@ -24,7 +24,7 @@ FLAGS = (
     cli.Flag("stage", "only this stage (1-based); --chunk then counts within it", int),
     cli.Flag("chunk", "the data chunk to write", int),
     cli.Flag("all", "write every data chunk (of --stage, or of the run)", bool, False),
-    cli.Flag("threads", "loader reader threads", int, 2),
+    cli.Flag("workers", "processes writing chunks (default: data.workers)", int),
 )
 
 
@@ -34,7 +34,8 @@ def main(argv=None):
             raise UsageError("pass exactly one of --chunk=K and --all")
         cfg = a.cfg or replay.run_config(a.workdir, overrides=a.overrides)
         chosen = numbering.select(cfg, a.stage, a.chunk)
-        index = export.export(cfg, a.workdir, a.out, chosen, a.threads)
+        index = export.export(cfg, a.workdir, a.out, chosen,
+                              int(a.workers or cfg.data.workers))
         for c in index["chunks"]:
             print(f"{c['path']}  stage {c['stage']} chunk {c['index']}  steps "
                   f"{c['steps'][0]}..{c['steps'][1] - 1}  {c['num_rows']} rows  "

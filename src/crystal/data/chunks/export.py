@@ -1,8 +1,8 @@
 """Data-chunk export: each chunk's rows exactly as trained, in step order (files.py format).
 
-A chunk's rows are the global batches of its steps, computed by the loader's replay
-(`StageLoader.global_batches`, the dataset the training iterator slices) from the prepared
-workdir, the run's config and seed, and the quarantine ledger: nothing else is read, so an
+A chunk's rows are the global batches of its steps, computed by the loader's replay (the
+examples `StageLoader.examples` holds, which the training iterator's batches stack) from the
+prepared workdir, the run's config and seed, and the quarantine ledger: nothing else is read, so an
 export is bit-identical whenever it is rebuilt, and rows a quarantine replaced appear as the
 rows that were trained in their place (`substituted` = 1). Each row carries its provenance:
 the stored row it came from and the documents it holds (crystal.data.provenance).
@@ -11,10 +11,12 @@ the stored row it came from and the documents it holds (crystal.data.provenance)
 from __future__ import annotations
 
 import hashlib
+import multiprocessing as mp
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
-import grain
 import numpy as np
 
 from crystal import config as config_lib
@@ -25,6 +27,7 @@ from crystal.data.chunks import files, numbering
 from crystal.data.provenance import Provenance
 
 CREATED_BY = "crystal.data.chunks"
+SPAN_FIELDS = ("doc", "file", "record", "start", "end")
 
 
 class _Hashing:
@@ -39,48 +42,40 @@ class _Hashing:
         self.n += len(b)
 
 
-def _rows(batch: dict, step: int, stage: int, names, prov: Provenance):
-    """The JSON rows of one global batch, in batch order."""
-    tokens_BxT = np.concatenate([batch["inputs"][:, :1], batch["targets"]], 1)
-    mask_BxL = batch["loss_mask"].astype(np.int8)
-    for p in range(tokens_BxT.shape[0]):
-        g, shard, row = names[int(batch["group"][p])], int(batch["shard"][p]), \
-            int(batch["row"][p])
-        spans = prov.spans(g, shard, row)
-        yield dict(token_ids=tokens_BxT[p].tolist(), source=g, loss_mask=mask_BxL[p].tolist(),
-                   stage=stage, step=step, position=p, index=int(batch["index"][p]),
-                   shard=man_lib.shard_name(g, shard), row=row, epoch=int(batch["epoch"][p]),
-                   fim=int(batch["fim"][p]), substituted=int(batch["substituted"][p]),
-                   documents=[{k: s[k] for k in ("doc", "file", "record", "start", "end")}
-                              for s in spans])
-
-
-def _batches(ld: loader_lib.StageLoader, first: int, end: int, threads: int):
-    """Global batches first..end-1, computed by `threads` grain reader threads."""
-    ds = ld.global_batches()[first:end].to_iter_dataset(grain.ReadOptions(
-        num_threads=max(1, threads), prefetch_buffer_size=max(2, threads)))
-    return iter(ds)
+def _rows(ld: loader_lib.StageLoader, chunk: numbering.DataChunk, prov: Provenance):
+    """The JSON rows of a chunk's steps, in step and batch order: the loader's examples
+    (what its batches stack), computed one after the other."""
+    B, names = ld.global_batch_size, ld.group_names
+    examples = ld.examples()
+    for g in range(chunk.first_step * B, chunk.end_step * B):
+        ex = examples[g]
+        name, shard, row = names[ex["group"]], ex["shard"], ex["row"]
+        yield dict(token_ids=np.concatenate([ex["inputs"][:1], ex["targets"]]), source=name,
+                   loss_mask=ex["loss_mask"].astype(np.int8), stage=chunk.stage, step=g // B,
+                   position=g % B,
+                   index=ex["index"], shard=man_lib.shard_name(name, shard), row=row,
+                   epoch=ex["epoch"], fim=ex["fim"], substituted=ex["substituted"],
+                   documents=[{k: s[k] for k in SPAN_FIELDS}
+                              for s in prov.spans(name, shard, row)])
 
 
 def write_chunk(ld, chunk: numbering.DataChunk, prov: Provenance, out: Path,
-                threads: int, step_offset: int) -> dict:
+                step_offset: int) -> dict:
     """Writes one data chunk's file; its index entry."""
-    names, L1 = ld.group_names, int(prov.L1)
+    L1 = int(prov.L1)
     per_source: dict[str, int] = {}
     per_shard: dict[str, int] = {}
     rows = loss_tokens = fim_rows = substituted = 0
     with fileio.atomic_open(out / chunk.file) as raw:
         f = _Hashing(raw)
-        for step, batch in zip(range(chunk.first_step, chunk.end_step),
-                               _batches(ld, chunk.first_step, chunk.end_step, threads)):
-            for r in _rows(batch, step, chunk.stage, names, prov):
-                f.write(files.row_line(r))
-                per_source[r["source"]] = per_source.get(r["source"], 0) + L1
-                per_shard[r["shard"]] = per_shard.get(r["shard"], 0) + 1
-                rows += 1
-                loss_tokens += sum(r["loss_mask"])
-                fim_rows += r["fim"] > 0
-                substituted += r["substituted"]
+        for r in _rows(ld, chunk, prov):
+            f.write(files.row_line(r))
+            per_source[r["source"]] = per_source.get(r["source"], 0) + L1
+            per_shard[r["shard"]] = per_shard.get(r["shard"], 0) + 1
+            rows += 1
+            loss_tokens += int(r["loss_mask"].sum())
+            fim_rows += r["fim"] > 0
+            substituted += r["substituted"]
     return dict(chunk=chunk.number, stage=chunk.stage, index=chunk.index, path=chunk.file,
                 sha256=f.h.hexdigest(), bytes=f.n, steps=[chunk.first_step, chunk.end_step],
                 checkpoint_step=step_offset + chunk.end_step, num_rows=rows,
@@ -90,22 +85,50 @@ def write_chunk(ld, chunk: numbering.DataChunk, prov: Provenance, out: Path,
                 rows_per_shard=dict(sorted(per_shard.items())))
 
 
-def export(cfg, workdir, out, selected: list[numbering.DataChunk], threads: int = 2) -> dict:
+# What forked workers inherit: the loaders, the provenance and the output folder.
+_STATE: dict = {}
+
+
+def _write_job(chunk: numbering.DataChunk) -> dict:
+    st = _STATE
+    return write_chunk(st["loaders"][chunk.stage], chunk, st["prov"], st["out"],
+                       st["offsets"][chunk.stage])
+
+
+def _map_chunks(selected, workers: int) -> list[dict]:
+    """write_chunk over the chunks, in order; over `workers` forked processes on Linux.
+
+    Fork, not spawn: a worker needs the loader (grain, which imports jax: seconds to start)
+    and gets it, built, for free. The workers run no JAX code, so a JAX runtime in the
+    parent (if any) is never touched by them; elsewhere the chunks are written in-process.
+    """
+    if workers <= 1 or len(selected) <= 1 or sys.platform != "linux":
+        return [_write_job(c) for c in selected]
+    with warnings.catch_warnings():     # JAX's at-fork warning, for a runtime we do not use
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with mp.get_context("fork").Pool(min(workers, len(selected))) as pool:
+            return pool.map(_write_job, selected, chunksize=1)
+
+
+def export(cfg, workdir, out, selected: list[numbering.DataChunk], workers: int = 1) -> dict:
     """Writes the `selected` data chunks, their index and the tokenizer to `out` (a new
-    folder, whole or not at all); returns the index."""
+    folder, whole or not at all) with `workers` processes; returns the index. The bytes do
+    not depend on `workers`."""
     man, sha = man_lib.read(workdir)
-    prov = Provenance(workdir, man)
-    offsets = {s: sum(numbering.stage_steps(cfg, i) for i in range(1, s))
-               for s in {c.stage for c in selected}}
+    stages = sorted({c.stage for c in selected})
+    loaders = {s: loader_lib.StageLoader(cfg, workdir, s) for s in stages}
     with fileio.atomic_dir(out) as tmp:
         tok = man_lib.data_dir(workdir) / man["tokenizer"].get("path", man_lib.TOKENIZER_FILE)
         shutil.copyfile(tok, tmp / files.TOKENIZER)
-        entries, skips = [], {}
-        for stage in sorted(offsets):
-            ld = loader_lib.StageLoader(cfg, workdir, stage)
-            skips[f"stage_{stage}"] = [s.to_json() for s in ld.mixture.skips]
-            for c in (c for c in selected if c.stage == stage):
-                entries.append(write_chunk(ld, c, prov, tmp, threads, offsets[stage]))
+        _STATE.update(loaders=loaders, prov=Provenance(workdir, man), out=tmp,
+                      offsets={s: sum(numbering.stage_steps(cfg, i) for i in range(1, s))
+                               for s in stages})
+        try:
+            entries = _map_chunks(selected, workers)
+        finally:
+            _STATE.clear()
+        skips = {f"stage_{s}": [k.to_json() for k in ld.mixture.skips]
+                 for s, ld in loaders.items()}
         index = dict(format=files.FORMAT, created_by=CREATED_BY, config_name=cfg.name,
                      config_fingerprint=config_lib.fingerprint(cfg), data_sha256=sha,
                      seed=int(cfg.seed), seq_len=int(man["seq_len"]),
