@@ -129,21 +129,22 @@ def apply_fim(row_T: np.ndarray, rng: np.random.Generator, codec: FimCodec, ids:
     """
     row_T = np.asarray(row_T, np.int32)
     T = row_T.shape[0]
-    eos_at = np.flatnonzero(row_T == ids.eos)
-    starts = np.concatenate([[0], eos_at + 1])
-    ends = np.concatenate([eos_at, [T]])
-    u = rng.random((len(starts), 4))     # [apply, spm, cut1, cut2] per fragment
+    eos_at = np.flatnonzero(row_T == ids.eos).tolist()
+    starts, ends = [0] + [i + 1 for i in eos_at], eos_at + [T]
+    # [apply, spm, cut1, cut2] per fragment, as Python floats (numpy scalars cost more here)
+    u = rng.random((len(starts), 4)).tolist()
     base = codec.vocab_size
+    eos = np.asarray([ids.eos], np.int32)
     out, num_fim = [], 0
-    for f, (a, b) in enumerate(zip(starts, ends)):
+    for (a, b), (apply, spm_draw, cut1, cut2) in zip(zip(starts, ends), u):
         frag = row_T[a:b]
-        if (b > a and u[f, 0] < fim_rate and frag.min() > ids.eos and frag.max() < base):
-            out.append(permute(frag, codec, ids, (u[f, 2], u[f, 3]), bool(u[f, 1] < spm_rate)))
+        if b > a and apply < fim_rate and frag.min() > ids.eos and frag.max() < base:
+            out.append(permute(frag, codec, ids, (cut1, cut2), spm_draw < spm_rate))
             num_fim += 1
         else:
             out.append(frag)
         if b < T:
-            out.append(np.asarray([ids.eos], np.int32))
+            out.append(eos)
     tokens = np.concatenate(out)
     num_valid = min(tokens.shape[0], T)
     if tokens.shape[0] >= T:

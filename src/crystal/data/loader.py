@@ -132,16 +132,19 @@ class ExampleReader:
     def tokens(self, group: int, shard: int, row: int) -> np.ndarray:
         return np.asarray(self.array(group, shard)[row], np.int32)
 
-    def __call__(self, rec: dict) -> dict:
+    def row(self, rec: dict) -> tuple[np.ndarray, int, int]:
+        """(tokens_T, num_valid, num_fim) of a record: its stored row, FIM'd when its
+        component draws FIM; tokens at or past num_valid are padding."""
         toks_T = self.tokens(rec["group"], rec["shard"], rec["row"])
-        T = toks_T.shape[0]
         rate = self.fim_rates[rec["component"]] if rec["component"] >= 0 else 0.0
-        num_valid, num_fim = T, 0
-        if rate > 0:
-            rng = fim_lib.fim_rng(self.seed, self.stage, rec["epoch"], rec["group"],
-                                  rec["shard"], rec["row"])
-            toks_T, num_valid, num_fim = fim_lib.apply_fim(toks_T, rng, self.codec, self.ids,
-                                                           rate, self.spm_rate)
+        if rate <= 0:
+            return toks_T, toks_T.shape[0], 0
+        rng = fim_lib.fim_rng(self.seed, self.stage, rec["epoch"], rec["group"],
+                              rec["shard"], rec["row"])
+        return fim_lib.apply_fim(toks_T, rng, self.codec, self.ids, rate, self.spm_rate)
+
+    def __call__(self, rec: dict) -> dict:
+        toks_T, num_valid, num_fim = self.row(rec)
         return make_example(toks_T, num_valid, rec, num_fim)
 
 
@@ -149,6 +152,12 @@ ROW_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids")
 SCALAR_FIELDS = {"source_id": np.int32, "group": np.int32, "component": np.int32,
                  "shard": np.int32, "row": np.int32, "epoch": np.int32, "index": np.int64,
                  "fim": np.int32, "substituted": np.int32}
+
+
+def loss_tokens(num_valid: int, L: int) -> int:
+    """How many of a row's L targets have loss: those before the padding (tokens at or
+    past num_valid); the loss mask is that many ones, then zeros."""
+    return max(0, min(L, num_valid - 1))
 
 
 def make_example(toks_T: np.ndarray, num_valid: int, rec: dict, num_fim: int = 0) -> dict:
@@ -159,7 +168,7 @@ def make_example(toks_T: np.ndarray, num_valid: int, rec: dict, num_fim: int = 0
     L = inputs_L.shape[0]
     valid_L = np.arange(L) < num_valid
     loss_mask_L = np.zeros((L,), np.float32)
-    loss_mask_L[:max(0, min(L, num_valid - 1))] = 1.0
+    loss_mask_L[:loss_tokens(num_valid, L)] = 1.0
     # Document index within the row (1-based): a document ends with (and owns) its EOS.
     seg_L = np.ones((L,), np.int32)
     seg_L[1:] += np.cumsum(inputs_L[:-1] == fim_lib.EOS_ID, dtype=np.int32)
@@ -238,10 +247,14 @@ class StageLoader:
     def _build(self):
         self._examples = self.mixture.dataset().map(self.reader)
 
-    def examples(self) -> grain.MapDataset:
-        """MapDataset: element g is record g's example; global batch N stacks elements
-        [N*B, (N+1)*B) (the data-chunk export reads rows here, unbatched)."""
-        return self._examples
+    def rows(self, start: int, stop: int):
+        """(record, tokens_T, num_valid, num_fim) of global records [start, stop), one after
+        the other: the rows global batches N*B .. stack, without the example arrays
+        (the data-chunk export reads them here)."""
+        records = self.mixture.dataset()
+        for g in range(start, stop):
+            rec = records[g]
+            yield (rec, *self.reader.row(rec))
 
     def global_batches(self) -> grain.MapDataset:
         """MapDataset: element N is global batch N (all B rows, in row order)."""

@@ -61,13 +61,12 @@ class Provenance:
         s = self.offset(group, shard) + int(row) * self.L1
         e = s + self.L1
         i0, i1 = np.searchsorted(t[:, man_lib.DOC_END], (s, e - 1), "right").tolist()
-        rows = t[i0:i1 + 1]
-        begin = rows[:, man_lib.DOC_END] - rows[:, man_lib.DOC_TOKENS]
-        lo = np.maximum(begin, s) - begin
-        hi = np.minimum(rows[:, man_lib.DOC_END], e) - begin
-        return [dict(doc=i0 + k, file=self.sources[r[man_lib.DOC_FILE]],
-                     record=r[man_lib.DOC_RECORD], start=a, end=b, tokens=r[man_lib.DOC_TOKENS])
-                for k, (r, a, b) in enumerate(zip(rows.tolist(), lo.tolist(), hi.tolist()))]
+        out = []   # Python ints from here: a row holds a few documents, numpy calls cost more
+        for k, (f, record, n, end) in enumerate(t[i0:i1 + 1].tolist(), start=i0):
+            begin = end - n
+            out.append(dict(doc=k, file=self.sources[f], record=record,
+                            start=max(begin, s) - begin, end=min(end, e) - begin, tokens=n))
+        return out
 
     def input_root(self, cfg=None) -> Path | None:
         """The input folder the files are relative to, if it is still there (the sample

@@ -1,8 +1,8 @@
 """Data-chunk export: each chunk's rows exactly as trained, in step order (files.py format).
 
-A chunk's rows are the global batches of its steps, computed by the loader's replay (the
-examples `StageLoader.examples` holds, which the training iterator's batches stack) from the
-prepared workdir, the run's config and seed, and the quarantine ledger: nothing else is read, so an
+A chunk's rows are the global batches of its steps, computed by the loader's replay
+(`StageLoader.rows`: the rows the training iterator's batches stack) from the prepared
+workdir, the run's config and seed, and the quarantine ledger: nothing else is read, so an
 export is bit-identical whenever it is rebuilt, and rows a quarantine replaced appear as the
 rows that were trained in their place (`substituted` = 1). Each row carries its provenance:
 the stored row it came from and the documents it holds (crystal.data.provenance).
@@ -17,7 +17,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 from crystal import config as config_lib
 from crystal import fileio
@@ -27,7 +26,7 @@ from crystal.data.chunks import files, numbering
 from crystal.data.provenance import Provenance
 
 CREATED_BY = "crystal.data.chunks"
-SPAN_FIELDS = ("doc", "file", "record", "start", "end")
+WRITE_ROWS = 256    # rows per write (one write per row costs a tenth of the export)
 
 
 class _Hashing:
@@ -43,20 +42,18 @@ class _Hashing:
 
 
 def _rows(ld: loader_lib.StageLoader, chunk: numbering.DataChunk, prov: Provenance):
-    """The JSON rows of a chunk's steps, in step and batch order: the loader's examples
-    (what its batches stack), computed one after the other."""
+    """The rows of a chunk's steps, in step and batch order: the loader's rows (what its
+    batches stack), computed one after the other."""
     B, names = ld.global_batch_size, ld.group_names
-    examples = ld.examples()
-    for g in range(chunk.first_step * B, chunk.end_step * B):
-        ex = examples[g]
-        name, shard, row = names[ex["group"]], ex["shard"], ex["row"]
-        yield dict(token_ids=np.concatenate([ex["inputs"][:1], ex["targets"]]), source=name,
-                   loss_mask=ex["loss_mask"].astype(np.int8), stage=chunk.stage, step=g // B,
-                   position=g % B,
-                   index=ex["index"], shard=man_lib.shard_name(name, shard), row=row,
-                   epoch=ex["epoch"], fim=ex["fim"], substituted=ex["substituted"],
-                   documents=[{k: s[k] for k in SPAN_FIELDS}
-                              for s in prov.spans(name, shard, row)])
+    L = int(prov.L1) - 1
+    for rec, tokens, num_valid, num_fim in ld.rows(chunk.first_step * B, chunk.end_step * B):
+        name, shard, row = names[rec["group"]], rec["shard"], rec["row"]
+        g = rec["index"]
+        yield dict(token_ids=tokens, source=name, loss_tokens=loader_lib.loss_tokens(
+                       num_valid, L), stage=chunk.stage,
+                   step=g // B, position=g % B, index=g, shard=man_lib.shard_name(name, shard),
+                   row=row, epoch=rec["epoch"], fim=num_fim, substituted=rec["substituted"],
+                   documents=prov.spans(name, shard, row))
 
 
 def write_chunk(ld, chunk: numbering.DataChunk, prov: Provenance, out: Path,
@@ -67,15 +64,19 @@ def write_chunk(ld, chunk: numbering.DataChunk, prov: Provenance, out: Path,
     per_shard: dict[str, int] = {}
     rows = loss_tokens = fim_rows = substituted = 0
     with fileio.atomic_open(out / chunk.file) as raw:
-        f = _Hashing(raw)
+        f, lines = _Hashing(raw), []
         for r in _rows(ld, chunk, prov):
-            f.write(files.row_line(r))
+            lines.append(files.row_line(r, L1 - 1))
+            if len(lines) == WRITE_ROWS:
+                f.write(b"".join(lines))
+                lines.clear()
             per_source[r["source"]] = per_source.get(r["source"], 0) + L1
             per_shard[r["shard"]] = per_shard.get(r["shard"], 0) + 1
             rows += 1
-            loss_tokens += int(r["loss_mask"].sum())
+            loss_tokens += r["loss_tokens"]
             fim_rows += r["fim"] > 0
             substituted += r["substituted"]
+        f.write(b"".join(lines))
     return dict(chunk=chunk.number, stage=chunk.stage, index=chunk.index, path=chunk.file,
                 sha256=f.h.hexdigest(), bytes=f.n, steps=[chunk.first_step, chunk.end_step],
                 checkpoint_step=step_offset + chunk.end_step, num_rows=rows,

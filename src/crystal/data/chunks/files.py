@@ -58,27 +58,55 @@ def _joined(a) -> str:
     """A 1-D array of non-negative ints as JSON list items ('1,2,3')."""
     global _NUMBERS
     a = np.asarray(a)
-    top = int(a.max()) + 1 if a.size else 0
-    if top > len(_NUMBERS):
-        _NUMBERS = np.asarray([str(i) for i in range(max(top, 2 * len(_NUMBERS), 1 << 16))],
-                              object)
-    return ",".join(_NUMBERS[a].tolist())
+    try:
+        return ",".join(_NUMBERS[a].tolist())
+    except IndexError:          # a number past the table: grow it (rarely: once per vocab)
+        top = int(a.max()) + 1
+        _NUMBERS = np.asarray([str(i) for i in range(max(top, 2 * len(_NUMBERS)))], object)
+        return ",".join(_NUMBERS[a].tolist())
+
+
+_MASKS: dict[tuple[int, int], str] = {}    # (ones, length) -> the loss mask's list items
+
+
+def _mask(ones: int, length: int) -> str:
+    """A loss mask of `ones` ones then zeros, as JSON list items (a handful of distinct
+    masks: all ones, and the FIM-padded ones)."""
+    text = _MASKS.get((ones, length))
+    if text is None:
+        text = _MASKS[(ones, length)] = ",".join(["1"] * ones + ["0"] * (length - ones))
+    return text
+
+
+_SPAN = '{"doc":%d,"file":%s,"record":%d,"start":%d,"end":%d}'
+_FILE_TEXT: dict[str, str] = {}     # input file name -> its JSON string
+
+
+def _documents(spans) -> str:
+    """The documents field: doc, file, record, start, end of each span."""
+    parts = []
+    for s in spans:
+        f = _FILE_TEXT.get(s["file"])
+        if f is None:
+            f = _FILE_TEXT[s["file"]] = _ENCODER.encode(s["file"])
+        parts.append(_SPAN % (s["doc"], f, s["record"], s["start"], s["end"]))
+    return "[" + ",".join(parts) + "]"
 
 
 # The line as compact JSON would write it, built from a template: int arrays joined as above,
-# integers by %d, strings and the document list by the JSON encoder.
+# integers by %d, strings by the JSON encoder.
 _LINE = ('{"token_ids":[%s],"source":%s,"loss_mask":[%s],"stage":%d,"step":%d,"position":%d,'
          '"index":%d,"shard":%s,"row":%d,"epoch":%d,"fim":%d,"substituted":%d,"documents":%s}\n')
 
 
-def row_line(row: dict) -> bytes:
-    """One row as a compact JSON line, fields in ROW_FIELDS order (token_ids and loss_mask
-    as int arrays or lists)."""
+def row_line(row: dict, seq_len: int) -> bytes:
+    """One row as a compact JSON line, fields in ROW_FIELDS order; `token_ids` an int array
+    or list, the loss mask given as `loss_tokens`, its leading ones out of seq_len."""
     return (_LINE % (_joined(row["token_ids"]), _ENCODER.encode(row["source"]),
-                     _joined(row["loss_mask"]), row["stage"], row["step"],
+                     _mask(row["loss_tokens"], seq_len), row["stage"], row["step"],
                      row["position"], row["index"], _ENCODER.encode(row["shard"]), row["row"],
                      row["epoch"], row["fim"], row["substituted"],
-                     _ENCODER.encode(row["documents"]))).encode()
+                     _documents(row["documents"]))).encode()
 
 
 def read_index(root) -> dict:
