@@ -66,26 +66,27 @@ def end_to_end(workers: int, cache_dir: str, tmp: Path, over=None) -> dict:
     c = cfg_lib.load(FLAGS.config, {"data.cache_dir": cache_dir, "data.sample_max_mb":
                                     FLAGS.max_mb, **(over or {})})
     wd = Path(tempfile.mkdtemp(dir=tmp))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     man = prepare.prepare(c, wd, workers=workers)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     log = json.loads((wd / "data" / prepare.LOG_FILE).read_text())
     hashes = [ch["sha256"] for e in man["groups"].values() for ch in e["shards"]]
     return dict(wd=wd, cfg=c, workers=workers, wall_s=wall, input_mb=log["input_bytes"] / 1e6,
                 tokens=log["tokens"], mb_per_s=log["input_bytes"] / 1e6 / wall,
-                tokens_per_s=log["tokens"] / wall, setup_s=log["setup_s"],
+                tokens_per_s=log["tokens"] / wall, tokens_per_cpu_s=log["tokens"] / cpu,
+                setup_s=log["setup_s"],
                 tokenize_s=log["tokenize_s"], write_s=log["write_s"], hashes=hashes)
 
 
 def export_all(cfg, wd: Path, tmp: Path, workers: int) -> dict:
     """Every data chunk of the run, exported from the prepared `wd`, timed."""
     chunks = numbering.chunks(cfg)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     index = export.export(cfg, wd, Path(tempfile.mkdtemp(dir=tmp)) / "out", chunks, workers)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(c["num_tokens"] for c in index["chunks"])
     return dict(workers=workers, chunks=len(chunks), tokens=tokens, wall_s=wall,
-                tokens_per_s=tokens / wall)
+                tokens_per_s=tokens / wall, tokens_per_cpu_s=tokens / cpu)
 
 
 def export_vs_prepare(tmp: Path) -> list[dict]:
@@ -102,7 +103,10 @@ def export_vs_prepare(tmp: Path) -> list[dict]:
                 exports.append(export_all(preps[-1]["cfg"], preps[-1]["wd"], tmp, w))
             ex = max(exports, key=lambda e: e["tokens_per_s"])
             out.append(dict(ex, seq_len=int(preps[-1]["cfg"].data.seq_len),
-                            prepare_tokens_per_s=max(p["tokens_per_s"] for p in preps)))
+                            tokens_per_cpu_s=max(e["tokens_per_cpu_s"] for e in exports),
+                            prepare_tokens_per_s=max(p["tokens_per_s"] for p in preps),
+                            prepare_tokens_per_cpu_s=max(p["tokens_per_cpu_s"]
+                                                         for p in preps)))
     return out
 
 
@@ -128,16 +132,20 @@ def report(pp: list[dict], runs: list[dict], exports: list[dict]):
           f"{FLAGS.repeats} interleaved runs each)")
     print(f"  {'seq_len':>7s} {'workers':>7s} {'prepare Mtok/s':>14s} {'export tokens':>13s} "
           f"{'wall s':>7s} {'export Mtok/s':>13s}")
-    ratios = {}
+    ratios, cpu = {}, {}
     for e in exports:
         print(f"  {e['seq_len']:7d} {e['workers']:7d} {e['prepare_tokens_per_s'] / 1e6:14.3f} "
               f"{e['tokens']:13d} {e['wall_s']:7.2f} {e['tokens_per_s'] / 1e6:13.3f}")
         best = ratios.setdefault(e["seq_len"], [0.0, 0.0])
         best[0] = max(best[0], e["tokens_per_s"])
         best[1] = max(best[1], e["prepare_tokens_per_s"])
-    print("ratio export/prepare (fastest of each): " + ", ".join(
+        if e["workers"] == 1:     # in one process, CPU seconds do not depend on the load
+            cpu[e["seq_len"]] = e["tokens_per_cpu_s"] / e["prepare_tokens_per_cpu_s"]
+    print("  per CPU second, one process: " + ", ".join(
+        f"seq_len {L}: export/prepare {r:.2f}" for L, r in cpu.items()))
+    print("ratio export/prepare (fastest of each, wall): " + ", ".join(
         f"seq_len {L}={a / b:.2f}" for L, (a, b) in ratios.items()))
-    return {L: a / b for L, (a, b) in ratios.items()}
+    return dict(wall={L: a / b for L, (a, b) in ratios.items()}, cpu_one_process=cpu)
 
 
 def main(_):
