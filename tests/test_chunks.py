@@ -81,6 +81,9 @@ def test_export_is_what_the_loader_fed_and_rebuilds_bit_identical(loader_workdir
 
     rows = _rows(release / chunk.file)
     assert len(rows) == e["num_rows"] == 30 * 16
+    first = (release / chunk.file).read_text().splitlines()[0]   # compact JSON, field order
+    assert first == json.dumps(rows[0], separators=(",", ":")) and list(rows[0]) == list(
+        files.ROW_FIELDS)
     ld = StageLoader(cfg, wd, STAGE)             # the training iterator, from step 30
     ld.set_state(dict(ld.get_state(), step=30))
     for step in range(30, 60):

@@ -46,7 +46,8 @@ ROW_FIELDS = (
 )
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"))   # one encoder: json.dumps makes one a call
+# One encoder for every string: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 # The texts of the numbers 0..n-1, grown on demand: joining looked-up texts is four times
