@@ -29,7 +29,7 @@ CASES = [
      ["released/chunks.json"]),
     ("memorization.ipynb", {"CRYSTAL_SEQUENCES_PER_CHUNK": "8"}, [
         "8 checkpoints scored now, 0 already done",
-        "step      8 stage 3: latest chunk s3c2",
+        "step      8 stage 3: latest chunk s3c1",
         "correlation of the last two checkpoints (7, 8)"],
      [f"evals/memorization_{f}.png" for f in ("distribution", "chunks", "correlation")]),
     ("remix.ipynb", {"CRYSTAL_HELDOUT_ROWS": "4"}, [
