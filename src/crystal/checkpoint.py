@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -41,6 +42,19 @@ from crystal import __version__, fileio
 from crystal.errors import CheckpointError
 
 ITEMS = ("state", "data", "meta")
+
+
+class _QuietReadOnly(logging.Filter):
+    """orbax warns twice whenever a manager opens read-only, which crystal does on purpose
+    (--init_from, eval sweeps, releases, verify): keep those two lines out of the logs."""
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("CheckpointManagerOptions.read_only=True")
+                    or msg.startswith("Given directory is read only"))
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 CHECKPOINTS_SUBDIR = "checkpoints"
 
 

@@ -365,15 +365,7 @@ def _origin(directory: Path, step: int) -> dict:
 
 
 def _enter_stage(r: _Run, n: int, state):
-    """Stage boundary: params kept (or re-initialised for init='scratch'); the optimizer
-    state reset (stage.reset_optimizer) or kept with the stage schedule restarted."""
-    s = config_lib.stage(r.cfg, n)
-    if s.init == "scratch":
-        new = r.fresh_init()
-        return new.replace(step=state.step,
-                           opt_state=optim_lib.restart_schedule(new.opt_state, s))
-    opt_state = r.fresh_init().opt_state if s.reset_optimizer else state.opt_state
-    return state.replace(opt_state=optim_lib.restart_schedule(opt_state, s))
+    return step_lib.enter_stage(r.cfg, n, state, r.fresh_init)
 
 
 def _flat(d, prefix=""):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from crystal import config as config_lib
 from crystal import model as model_lib
 from crystal import optim as optim_lib
 from crystal.train import loss as loss_lib
@@ -212,3 +213,17 @@ def make_eval_step(cfg, num_sources: int = 1):
         total, aux = loss_sums(params, _step_inputs(batch), spec, num_sources)
         return total, aux["tokens"]
     return eval_step
+
+
+def enter_stage(cfg, n: int, state: TrainState, fresh) -> TrainState:
+    """The stage boundary as LLM360 ran it: params kept (re-initialised for init='scratch'),
+    the Adam state reset (stages.stage_N.reset_optimizer) or kept, the stage's schedule
+    restarted at 0. `fresh()` gives a freshly initialised state (the loop's sharded init;
+    a release replay's single-device one); the step counter always continues."""
+    s = config_lib.stage(cfg, n)
+    if s.init == "scratch":
+        new = fresh()
+        return new.replace(step=state.step,
+                           opt_state=optim_lib.restart_schedule(new.opt_state, s))
+    opt_state = fresh().opt_state if s.reset_optimizer else state.opt_state
+    return state.replace(opt_state=optim_lib.restart_schedule(opt_state, s))
