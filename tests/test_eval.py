@@ -185,7 +185,7 @@ def test_a_sequence_the_model_reproduces_scores_one_and_others_do_not(short_run)
 def test_memorization_samples_are_the_rows_the_run_trained_on(short_run):
     cfg = replay.run_config(short_run)
     loaders = memorization.stage_loaders(cfg, short_run)
-    chunks = memorization.data_chunks(loaders)
+    chunks = memorization.data_chunks(cfg)
     # A stage of 2 steps has 2 data chunks (numbered 0, 1 within it), not 2 of 4.
     assert [c.name for c in chunks] == ["s1c0", "s1c1", "s1c2", "s1c3", "s2c0", "s2c1",
                                         "s3c0", "s3c1"]

@@ -19,36 +19,18 @@ checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from crystal import config as config_lib
 from crystal import fileio
 from crystal.data import loader as loader_lib
+from crystal.data.chunks import numbering
+from crystal.data.chunks.numbering import DataChunk
 from crystal.errors import DataError
 from crystal.eval import figures
 from crystal.eval.tasks import Result, Task
 
 DEFAULTS = dict(k=32, l=32, sequences_per_chunk=1000, include_unseen=False, batch_size=128)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataChunk:
-    """Data chunk `chunk` of stage `stage`: the stage's steps [first_step, end_step)."""
-    index: int          # in training order over all stages
-    stage: int
-    chunk: int
-    first_step: int
-    end_step: int
-
-    @property
-    def name(self) -> str:
-        return f"s{self.stage}c{self.chunk}"
-
-    def seen_by(self, stage: int, stage_step: int) -> bool:
-        """Trained on before a checkpoint at (stage, stage_step)?"""
-        return self.stage < stage or (self.stage == stage and self.end_step <= stage_step)
 
 
 def stage_loaders(cfg, workdir) -> dict[int, loader_lib.StageLoader]:
@@ -58,15 +40,9 @@ def stage_loaders(cfg, workdir) -> dict[int, loader_lib.StageLoader]:
             for n in range(1, len(config_lib.stage_names(cfg)) + 1)}
 
 
-def data_chunks(loaders: dict) -> list[DataChunk]:
-    """Every non-empty data chunk of the run, in training order."""
-    out = []
-    for n, ld in sorted(loaders.items()):
-        of = np.asarray([ld.chunk_of_step(s) for s in range(ld.steps)])
-        for c in np.unique(of):
-            steps = np.flatnonzero(of == c)
-            out.append(DataChunk(len(out), n, int(c), int(steps[0]), int(steps[-1]) + 1))
-    return out
+def data_chunks(cfg) -> list[DataChunk]:
+    """Every data chunk of the run, in training order (crystal.data.chunks.numbering)."""
+    return numbering.chunks(cfg)
 
 
 def trained_rows(ld: loader_lib.StageLoader, chunk: DataChunk, n: int, seed: int,
@@ -77,7 +53,7 @@ def trained_rows(ld: loader_lib.StageLoader, chunk: DataChunk, n: int, seed: int
     sequence, of which the first `length` tokens are kept."""
     B = ld.global_batch_size
     first, count = chunk.first_step * B, (chunk.end_step - chunk.first_step) * B
-    rng = np.random.default_rng([int(seed), chunk.stage, chunk.chunk])
+    rng = np.random.default_rng([int(seed), chunk.stage, chunk.index])
     picks = np.sort(rng.choice(count, size=min(int(n), count), replace=False)) + first
     rows = []
     for g in picks:
@@ -129,7 +105,7 @@ def _loaders(ctx) -> dict:
 def evaluate(ckpt, params, cfg, ctx) -> Result:
     s = ctx.settings
     k, l = int(s["k"]), int(s["l"])
-    chunks, body, seen_scores, hashes = data_chunks(_loaders(ctx)), [], [], {}
+    chunks, body, seen_scores, hashes = data_chunks(ctx.cfg), [], [], {}
     latest = None
     for ch in chunks:
         seen = ch.seen_by(ckpt.stage, ckpt.stage_step)
@@ -137,7 +113,7 @@ def evaluate(ckpt, params, cfg, ctx) -> Result:
             continue
         smp = _samples(ctx, ch)
         matches = score(ctx.decoder(), smp["rows"], k, l, int(s["batch_size"]))
-        body.append(dict(name=ch.name, index=ch.index, stage=ch.stage, chunk=ch.chunk,
+        body.append(dict(name=ch.name, index=ch.number, stage=ch.stage, chunk=ch.index,
                          steps=[ch.first_step, ch.end_step], seen=seen,
                          sequences=int(len(matches)), rows_sha256=smp["sha256"],
                          records_sha256=smp["records_sha256"],

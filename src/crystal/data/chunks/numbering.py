@@ -26,6 +26,15 @@ class DataChunk:
     end_step: int
 
     @property
+    def name(self) -> str:
+        """'s<stage>c<index>': the chunk in figures and eval records."""
+        return f"s{self.stage}c{self.index}"
+
+    def seen_by(self, stage: int, stage_step: int) -> bool:
+        """Trained on before a checkpoint at (stage, stage_step)?"""
+        return self.stage < stage or (self.stage == stage and self.end_step <= stage_step)
+
+    @property
     def file(self) -> str:
         """The released file name, LLM360's `train_NNN.jsonl` with five digits."""
         return f"train_{self.number:05d}.jsonl"
