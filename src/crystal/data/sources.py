@@ -333,10 +333,8 @@ def _json_records(path, rel, bad: BadRecords):
         if not raw.strip():
             bad.add(path, rel, n, "empty_line")
             continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            bad.add(path, rel, n, "non_utf8", f"byte {e.start}")
+        line = _utf8(raw, bad, path, rel, n, "byte")
+        if line is None:
             continue
         try:
             rec = json.loads(line)
@@ -407,22 +405,26 @@ def _read_parquet(shard: Shard, bad: BadRecords):
         for value in col.to_pylist():
             row += 1
             if value is not None:
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    bad.add(path, rel, row, "non_utf8", f"content byte {e.start}")
+                value = _utf8(value, bad, path, rel, row, "content byte")
+                if value is None:
                     continue
             if _check_text(value, bad, path, rel, row, "content"):
                 yield shard.group, value, row
 
 
+def _utf8(raw: bytes, bad: BadRecords, path, rel, row, where: str) -> str | None:
+    """Strict UTF-8, or None with a `non_utf8` bad record naming the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad.add(path, rel, row, "non_utf8", f"{where} {e.start}")
+        return None
+
+
 def _read_text(path, rel, group, bad: BadRecords):
     with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        bad.add(path, rel, None, "non_utf8", f"byte {e.start}")
+        text = _utf8(f.read(), bad, path, rel, None, "byte")
+    if text is None:
         return
     if _check_text(text, bad, path, rel, None, "file"):
         yield group, text, 1
