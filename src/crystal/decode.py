@@ -150,12 +150,7 @@ class Decoder:
         self.spec = model_lib.ModelSpec.from_config(self.cfg)
         self.mesh, self.segment = mesh, int(segment)
         host = layout_lib.with_layout(jax.device_get(params), scan_layers=False)
-        if mesh is None:
-            self.params = jax.device_put(host)
-        else:
-            specs = sharding_lib.param_specs(self.cfg, mesh)
-            self.params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
-                                       host, specs)
+        self.params = sharding_lib.put_params(host, self.cfg, mesh)
 
     # ------------------------------------------------------------------ host side
 

@@ -65,15 +65,28 @@ class Generator:
         head = self.tokenizer.decode(prompt_ids[1:])
         return self.tokenizer.decode(prompt_ids[1:] + list(new_ids))[len(head):]
 
+    def fits(self, prompt_ids: Sequence[int], max_new_tokens: int) -> bool:
+        return len(prompt_ids) + max_new_tokens <= self.context
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
                  sampling: decode_lib.Sampling = decode_lib.Sampling(), num_samples: int = 1,
-                 stop: Sequence[str] = (), batch_size: int = 32) -> list[list[Completion]]:
-        """`num_samples` completions of each prompt, in prompt order."""
+                 stop: Sequence[str] = (), batch_size: int = 32,
+                 truncate: bool = False) -> list[list[Completion]]:
+        """`num_samples` completions of each prompt, in prompt order. A prompt whose tokens
+        and `max_new_tokens` exceed the context is an error, or with `truncate` loses its
+        oldest tokens (the leading EOS kept), as evaluation harnesses cut contexts."""
         if num_samples < 1 or batch_size < 1:
             raise UsageError("--num_samples and --batch_size must be >= 1")
+        if max_new_tokens >= self.context:
+            raise UsageError(f"--max_new_tokens={max_new_tokens}: must be below the model's "
+                             f"context of {self.context} tokens (model.max_seq_len)")
         ids = [self.encode(p) for p in prompts]
         for i, t in enumerate(ids):
-            if len(t) + max_new_tokens > self.context:
+            if not self.fits(t, max_new_tokens):
+                if truncate:
+                    keep = self.context - max_new_tokens - 1
+                    ids[i] = t[:1] + t[len(t) - keep:]
+                    continue
                 raise UsageError(f"prompt {i}: {len(t)} tokens + --max_new_tokens="
                                  f"{max_new_tokens} exceed the model's context of "
                                  f"{self.context} tokens (model.max_seq_len)")

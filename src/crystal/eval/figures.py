@@ -9,6 +9,8 @@ complete figure of what was done when they finished.
   shared y, the pooled loss in grey for reference) beyond.
 - memorization_distribution.png, memorization_chunks.png, memorization_correlation.png and
   memorization_matrix.csv: LLM360's memorization figures (crystal.eval.memorization).
+- humaneval.png, humaneval_bpb.png, lm_eval-TASK.png: a task's headline metrics over
+  checkpoint steps (`metric_curves`).
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ def perplexity(records, path):
 
 
 # ----------------------------------------------------------------------------- memorization
+
+
+def metric_curves(records, keys, path, title: str):
+    """`keys` of the records' metrics over steps, one line each, stage boundaries dashed."""
+    run = records[0]["run"]["config_name"] if records else "run"
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for key in keys:
+        ax.plot(*_series(records, key), marker="o", ms=3, lw=1.2, label=key)
+    _mark_stages(ax, _stage_ends(records))
+    ax.set(xlabel="step", title=f"{run}: {title}")
+    ax.grid(alpha=0.3)
+    if keys:
+        ax.legend(fontsize=8)
+    return plots.save_png(fig, path)
 
 
 def _scores(record, seen_only: bool = True) -> np.ndarray:

@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from crystal import checkpoint as ckpt_lib
@@ -126,6 +124,8 @@ def _jobs(workdir: Path, names, settings, seed: int, flags: dict) -> list[_Job]:
             if not flags.get(need):
                 raise UsageError(f"--tasks={name}: this task needs --{need}")
         s = tasks_lib.resolve_settings(task, per.get(name, {}))
+        if task.check is not None:
+            task.check(s)
         jobs.append(_Job(task, s, rec_lib.task_dir(workdir, name, s, seed)))
     if not jobs:
         raise UsageError("--tasks: no task given")
@@ -144,12 +144,7 @@ class _Params:
         if self.params is None:
             host, _ = self.reader.restore_params(self.ckpt.step)
             self.sha256 = ckpt_lib.params_sha256(host)
-            if self.mesh is None:
-                self.params = jax.device_put(host)
-            else:
-                specs = sharding_lib.param_specs(self.cfg, self.mesh)
-                self.params = jax.tree.map(
-                    lambda x, s: jax.device_put(x, NamedSharding(self.mesh, s)), host, specs)
+            self.params = sharding_lib.put_params(host, self.cfg, self.mesh)
         return self.params
 
     def decoder(self) -> decode_lib.Decoder:

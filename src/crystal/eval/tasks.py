@@ -34,9 +34,13 @@ from crystal.errors import UsageError
 REGISTRY = {
     "perplexity": "crystal.eval.perplexity",
     "memorization": "crystal.eval.memorization",
+    "humaneval": "crystal.eval.humaneval_task",
+    "humaneval_bpb": "crystal.eval.humaneval_bpb",
 }
 # prefix -> module defining make(arg) -> Task, for names 'prefix:arg'
-FAMILIES: dict[str, str] = {}
+FAMILIES: dict[str, str] = {
+    "lm_eval": "crystal.eval.harness_task",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +91,16 @@ class Task:
     needs: sweep flags that must be set to run it (e.g. 'allow_code_execution');
     summarize(records, out_dir, ctx) -> [paths]: redraws the task's figures and tables
     (PNG, CSV) from all its records of the current settings (ascending step), after each
-    sweep."""
+    sweep; check(settings): called with the resolved settings before the sweep reads or
+    writes anything, raises a UsageError for what they name that does not exist (an
+    lm-eval task, a directory)."""
     name: str
     doc: str
     settings: dict
     evaluate: Callable[[Checkpoint, Any, Any, Context], Result]
     summarize: Callable[[list[dict], Path, Context], list[Path]] | None = None
     needs: tuple[str, ...] = ()
+    check: Callable[[dict], None] | None = None
 
 
 def names() -> list[str]:
@@ -105,12 +112,23 @@ def get(name: str) -> Task:
     """The task called `name`; an unknown name is a UsageError naming it and the nearest."""
     prefix, colon, arg = name.partition(":")
     if colon and prefix in FAMILIES:
-        return importlib.import_module(FAMILIES[prefix]).make(arg)
+        return _module(name, FAMILIES[prefix]).make(arg)
     if name not in REGISTRY:
         near = difflib.get_close_matches(name, list(REGISTRY) + list(FAMILIES), n=1)
         hint = f" (did you mean {near[0]}?)" if near else ""
         raise UsageError(f"--tasks: no task {name!r}{hint}; tasks: {', '.join(names())}")
-    return importlib.import_module(REGISTRY[name]).TASK
+    return _module(name, REGISTRY[name]).TASK
+
+
+def _module(name: str, module: str):
+    """A task's module; an optional package it needs that is missing is a UsageError."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "crystal":
+            raise
+        raise UsageError(f"--tasks={name}: needs the {e.name} package: "
+                         f"pip install -e '.[eval]'") from None
 
 
 def slug(name: str) -> str:

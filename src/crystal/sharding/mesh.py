@@ -189,6 +189,16 @@ def param_specs(cfg, mesh: Mesh, shapes=None):
                         logical, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def put_params(params, cfg, mesh: Mesh | None):
+    """`params` (host or device arrays, in `cfg`'s layer layout) on the default device
+    (`mesh` None) or sharded over `mesh` by the config's rules: how the sweep, the decoder
+    and the lm-eval model place a checkpoint's params."""
+    if mesh is None:
+        return jax.device_put(params)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params,
+                        param_specs(cfg, mesh))
+
+
 def divisibility_fallbacks(cfg, mesh: Mesh) -> list[str]:
     """'path: dim D (logical) not split over axis (N)' for every param dim the rules wanted
     sharded but the divisibility rule kept whole: what to fix when a plan does not fit."""

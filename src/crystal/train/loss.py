@@ -49,7 +49,7 @@ def _logits(h_BxCxD, w_DxV, mult: float, dtype):
     return out.reshape(B, C, -1) * mult
 
 
-def _forward(h_BxLxD, w_DxV, targets_BxL, mult, dtype, chunk, with_abs):
+def _forward(h_BxLxD, w_DxV, targets_BxL, mult, dtype, chunk, with_abs, with_hits=False):
     c = chunk_len(h_BxLxD.shape[1], chunk)
     w_dt = w_DxV.astype(dtype)
 
@@ -59,22 +59,26 @@ def _forward(h_BxLxD, w_DxV, targets_BxL, mult, dtype, chunk, with_abs):
         lse_BxC = jax.nn.logsumexp(z_BxCxV, axis=-1)
         tgt_BxC = jnp.take_along_axis(z_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
         abs_sum = jnp.sum(jnp.abs(z_BxCxV)) if with_abs else jnp.zeros([], jnp.float32)
-        return None, (lse_BxC - tgt_BxC, lse_BxC, abs_sum)
+        hit_BxC = jnp.argmax(z_BxCxV, axis=-1) == t_BxC if with_hits else \
+            jnp.zeros([], bool)
+        return None, (lse_BxC - tgt_BxC, lse_BxC, abs_sum, hit_BxC)
 
-    _, (loss_nxBxC, lse_nxBxC, abs_n) = jax.lax.scan(
+    _, (loss_nxBxC, lse_nxBxC, abs_n, hit_nxBxC) = jax.lax.scan(
         body, None, (_chunks(h_BxLxD, c), _chunks(targets_BxL, c)))
-    return _unchunk(loss_nxBxC), _unchunk(lse_nxBxC), jnp.sum(abs_n)
+    hits = _unchunk(hit_nxBxC) if with_hits else None
+    return _unchunk(loss_nxBxC), _unchunk(lse_nxBxC), jnp.sum(abs_n), hits
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _cross_entropy(h_BxLxD, w_DxV, targets_BxL, mult, dtype, chunk, with_abs):
-    loss_BxL, _, abs_sum = _forward(h_BxLxD, w_DxV, targets_BxL, mult, dtype, chunk, with_abs)
+    loss_BxL, _, abs_sum, _ = _forward(h_BxLxD, w_DxV, targets_BxL, mult, dtype, chunk,
+                                       with_abs)
     return loss_BxL, abs_sum
 
 
 def _cross_entropy_fwd(h_BxLxD, w_DxV, targets_BxL, mult, dtype, chunk, with_abs):
-    loss_BxL, lse_BxL, abs_sum = _forward(h_BxLxD, w_DxV, targets_BxL, mult, dtype, chunk,
-                                          with_abs)
+    loss_BxL, lse_BxL, abs_sum, _ = _forward(h_BxLxD, w_DxV, targets_BxL, mult, dtype, chunk,
+                                             with_abs)
     return (loss_BxL, abs_sum), (h_BxLxD, w_DxV, targets_BxL, lse_BxL)
 
 
@@ -115,3 +119,15 @@ def cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, *, multiplier: float, dty
     `with_abs`)) of logits = hidden @ head x multiplier, `chunk` positions at a time."""
     return _cross_entropy(hidden_BxLxD, head_DxV, jnp.asarray(targets_BxL, jnp.int32),
                           float(multiplier), jnp.dtype(dtype), int(chunk), bool(with_abs))
+
+
+def scores(hidden_BxLxD, head_DxV, targets_BxL, *, multiplier: float, dtype, chunk: int):
+    """(per-token float32 cross-entropy B x L, bool B x L: the target is the argmax) for
+    scoring, forward only: the same chunks and numerics as `cross_entropy`, so a scored
+    text's losses are the training loss's; the argmax comes from the same logits (ties go
+    to the lowest id, as jnp.argmax and torch.argmax)."""
+    loss_BxL, _, _, hit_BxL = _forward(hidden_BxLxD, head_DxV, jnp.asarray(targets_BxL,
+                                                                            jnp.int32),
+                                       float(multiplier), jnp.dtype(dtype), int(chunk),
+                                       False, True)
+    return loss_BxL, hit_BxL
