@@ -93,6 +93,10 @@ def test_windows_are_lm_evals_rolling_windows(n, max_length):
     assert all(len(i) <= max_length for i, _ in ours)
 
 
+# the `lm_eval` console script of this interpreter's environment, not whichever is on PATH
+LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
+
+
 def test_lm_eval_command_runs_crystals_local_tasks(short_run, tmp_path):
     """`lm_eval --model crystal` in a fresh interpreter: the .pth hook registered the
     model without importing crystal or JAX at start-up; mc, generation and perplexity
@@ -104,7 +108,7 @@ def test_lm_eval_command_runs_crystals_local_tasks(short_run, tmp_path):
         capture_output=True, text=True, timeout=120)
     assert probe.stdout.split() == ["[]", "CrystalLM", "DummyLM"], probe.stderr[-2000:]
     out = subprocess.run(
-        ["lm_eval", "--model", "crystal", "--model_args",
+        [LM_EVAL, "--model", "crystal", "--model_args",
          f"checkpoint={short_run}/checkpoints/8", "--batch_size", "4", "--tasks",
          "crystal_mc,crystal_gen,crystal_ppl", "--include_path", str(harness_task.LOCAL_TASKS),
          "--limit", "4", "--output_path", str(tmp_path / "out")],
