@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def _import_beam():
     try:
-        import apache_beam as beam
+        import apache_beam as beam   # optional: the beam extra
     except ImportError:
         raise DataError("apache-beam is not installed (pip install -e '.[beam]'); the local "
                         "path crystal.data.prepare does not need it") from None
@@ -95,7 +95,7 @@ def run(cfg, workdir, input_dir=None, on_bad_record=None, pipeline_args=(),
         overwrite=False) -> dict:
     """Prepares `workdir/data` with Beam; returns the manifest (same as prepare.prepare)."""
     beam = _import_beam()
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.options.pipeline_options import PipelineOptions   # optional: the beam extra
     config_lib.validate(cfg)
     out = prep.data_dir(workdir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grain
 import numpy as np
+from absl import flags
 
 from crystal import fileio
 from crystal.data import fim as fim_lib
@@ -285,7 +286,6 @@ class StageLoader:
         ds = self.process_batches()[self._step:].to_iter_dataset(grain.ReadOptions(
             num_threads=int(d.loader_threads), prefetch_buffer_size=int(d.loader_prefetch)))
         if int(d.loader_workers) > 0:
-            from absl import flags
             if not flags.FLAGS.is_parsed():   # grain reads its absl flags in the workers
                 flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(

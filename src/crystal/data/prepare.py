@@ -23,10 +23,12 @@ are built from shard-ordered parts, output shards from the plan.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import hashlib
 import importlib
 import logging
+import multiprocessing as mp
 import shutil
 import sys
 import time
@@ -70,7 +72,6 @@ def input_identity(cfg, input_dir=None) -> dict:
     given = input_dir or cfg.data.input
     if given:
         return dict(kind="dir", path=str(Path(given).resolve()))
-    from crystal.data import sample
     return dict(kind="sample", corpus_sha256=sample.corpus_sha256(),
                 max_mb=float(cfg.data.sample_max_mb))
 
@@ -516,8 +517,6 @@ class _Pool:
         # which the workers do not import.
         fn = getattr(importlib.import_module("crystal.data.prepare"), fn.__name__)
         if self.ex is None:
-            import concurrent.futures as cf
-            import multiprocessing as mp
             self.ex = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
         with _without_main_module():  # the processes start on first submit
             it = self.ex.map(fn, jobs)

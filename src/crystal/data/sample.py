@@ -26,7 +26,10 @@ import json
 import sys
 from pathlib import Path
 
+import zstandard
+
 from crystal import cli, fileio
+from crystal.data.sources import SLIMPAJAMA_SETS
 from crystal.errors import DataError
 
 BUILDER_VERSION = 2
@@ -78,7 +81,6 @@ def corpus_sha256() -> str:
 def read_corpus(path=CORPUS, sha256: str | None = None) -> list[dict]:
     """The corpus documents ({group, source, license, text}), after checking the file is
     the recorded one: an edited or truncated corpus is an error, never other data."""
-    import zstandard
     raw = Path(path).read_bytes()
     want = sha256 or corpus_sha256()
     if fileio.sha256_bytes(raw) != want:
@@ -103,7 +105,6 @@ def _key(doc: dict) -> str:
 def _slimpajama_shards(docs: dict) -> list[list[dict]]:
     """Each set's documents dealt over the shards by hash order, sets interleaved within
     a shard by hash order (as in SlimPajama)."""
-    from crystal.data.sources import SLIMPAJAMA_SETS
     shards = [[] for _ in range(NUM_SLIMPAJAMA_SHARDS)]
     for name in SLIMPAJAMA_SETS:
         for k, d in enumerate(sorted(docs[name], key=_key)):
@@ -116,7 +117,7 @@ def _jsonl(records) -> bytes:
 
 
 def _parquet(path: Path, docs: list[dict]):
-    import pyarrow as pa
+    import pyarrow as pa   # lazily: ~0.2 s of start-up, only building the sample writes parquet
     import pyarrow.parquet as pq
     table = pa.table({   # The Stack's columns
         "max_stars_repo_path": pa.array([d["source"] for d in docs], pa.string()),

@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
-from crystal import fileio
+from crystal import cli, fileio
+from crystal.data import sample
 from crystal.data.sources import BadRecords, DataError, read_file, discover
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -115,7 +117,6 @@ class Tokenizer:
         `allow_special` (then each becomes its id; the text between is encoded apart)."""
         if not allow_special or not self.special_tokens:
             return self._sp.encode(text)
-        import re
         if self._special_re is None:
             alts = sorted(self.special_tokens, key=len, reverse=True)
             self._special_re = re.compile("(" + "|".join(map(re.escape, alts)) + ")")
@@ -242,10 +243,7 @@ def obtain(cfg, input_dir, on_bad_record=None) -> Tokenizer:
 
 
 def main(argv=None):
-    from crystal import cli
-
     def body(a):
-        from crystal.data import sample
         input_dir = a.input or a.cfg.data.input or str(sample.ensure_sample(a.cfg))
         tok = train(a.cfg, input_dir, a.out)
         print(f"wrote {a.out}: {tok.base_vocab_size} pieces + "

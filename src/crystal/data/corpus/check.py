@@ -66,8 +66,7 @@ def identity(workdir) -> dict:
 
 def short_run_loss(workdir, steps: int = STEPS) -> float:
     """The loss of step `steps` of the default config, trained from scratch in `workdir`."""
-    from crystal import metrics    # lazily: training pulls in jax, the hashes do not
-    from crystal import train
+    from crystal import metrics, train   # lazily: training pulls in jax, the hashes do not
     train.run(default_config(), workdir, stop_after_steps=steps)
     recs = [r for r in metrics.read_jsonl(Path(workdir) / "metrics.jsonl") if "loss" in r]
     return float(recs[-1]["loss"])
