@@ -27,17 +27,20 @@ from __future__ import annotations
 import argparse
 import os
 
+import jax
 import numpy as np
 
 from train_step import SIZES, VOCAB, crystal_cfg, interleaved_best  # noqa: I001
 
-from crystal.interop import registry  # noqa: E402
+from crystal import decode, model
+from crystal.eval import memorization
+from crystal.interop import registry
 
 
 def hf_model(params, cfg):
     """LlamaForCausalLM with crystal's weights (crystal.interop's llama layout folds muP and
     the rotary pairing)."""
-    import torch
+    import torch   # optional: the peer (test/bench extras)
     import transformers
     lay = registry.get("llama")
     sd = lay.to_tensors(params, cfg)
@@ -48,7 +51,7 @@ def hf_model(params, cfg):
 
 
 def hf_generate(net, prompts_BxP, new: int):
-    import torch
+    import torch   # optional: the peer (test/bench extras)
     x = torch.from_numpy(prompts_BxP.astype(np.int64))
     with torch.inference_mode():
         out = net.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
@@ -58,7 +61,7 @@ def hf_generate(net, prompts_BxP, new: int):
 
 
 def hf_prefill(net, prompts_BxP):
-    import torch
+    import torch   # optional: the peer (test/bench extras)
     x = torch.from_numpy(prompts_BxP.astype(np.int64))
     with torch.inference_mode():
         return net(input_ids=x, use_cache=True).logits[:, -1].argmax(-1).numpy()
@@ -73,11 +76,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--mem_rows", type=int, default=64)
     a = ap.parse_args()
-    import jax
-    import torch
+    import torch   # optional: the peer (test/bench extras)
     torch.set_num_threads(os.cpu_count() or 1)
-    from crystal import decode, model
-    from crystal.eval import memorization
 
     cfg = crystal_cfg(a.size, max(a.prompt + a.new, 64), a.batch)
     params = jax.device_get(model.init(cfg, jax.random.key(0)))

