@@ -4,6 +4,8 @@ model on the HF export of the same weights.
     python benchmarks/lm_eval_loglikelihood.py [--size=30M] [--docs=64] [--choices=4]
         [--batch=16] [--rounds=3]
 
+Needs the `eval` (or `test`) extra: lm-eval, and accelerate for lm-eval's `hf` model.
+
 One run on one machine, float32 on CPU, the LLaMA/Amber shape of benchmarks/train_step.py
 with random weights, a tokenizer trained on the bundled sample corpus (amber_tiny's 2,000
 pieces), and the weights exported by crystal.interop.hf.save in the llama layout (what

@@ -314,6 +314,12 @@ def _status_records(fd: int) -> list[dict]:
     return records
 
 
+def own_marker() -> str:
+    """The prefix of every run id of this evaluator process (`crystal-sandbox-PID-`): its
+    own sandboxed processes, not those of another evaluator on the same machine."""
+    return f"crystal-sandbox-{os.getpid()}-"
+
+
 def processes_with(marker: str) -> list[int]:
     """Pids of live processes whose command line contains `marker` (a /proc scan)."""
     needle, pids = marker.encode(), []
@@ -363,7 +369,7 @@ def _wait(proc: subprocess.Popen, deadline: float) -> tuple[int, bool]:
 
 
 def _run(isolation: Isolation, program: str, limits: Limits) -> Result:
-    run_id = secrets.token_hex(8)
+    run_id = f"{os.getpid()}-{secrets.token_hex(8)}"  # own_marker() finds this process's
     workdir = None
     if isolation.name == "plain":  # the other levels work in their own tmpfs
         workdir = tempfile.mkdtemp(prefix="crystal-sandbox-")
