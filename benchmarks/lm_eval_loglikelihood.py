@@ -22,7 +22,9 @@ two; the best of each counts. The last line is
 
     ratio crystal/hf=X.XX
 
-requests per second of crystal over lm-eval's hf model (above 1: crystal faster).
+requests per second of crystal over lm-eval's hf model (above 1: crystal faster). The line
+before it times the forward projection matmuls alone at one batch's size under XLA and
+under torch: the ratio the matrix libraries set on this host.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from train_step import SIZES, crystal_cfg, interleaved_best  # noqa: I001
+from host import cpu  # noqa: I001
+from train_step import SIZES, crystal_cfg, gemm_rates, interleaved_best
 
 from crystal import model
 from crystal.data import sample, tokenizer
@@ -97,7 +100,11 @@ def main():
                                  "hf": lambda: theirs.loglikelihood(reqs, True)},
                                 a.rounds, warmup=1, settle=0.3)
     tokens = sum(len(tok.encode(c + t)) + 1 for c, t in pairs)
-    print(f"{a.size} LLaMA shape, float32, {os.cpu_count()} CPUs; {len(reqs)} loglikelihood "
+    # the matrix library's own limit: the forward projections over one batch of requests
+    gemm = gemm_rates(crystal_cfg(a.size, round(tokens / len(reqs)), a.batch), a.rounds,
+                      forward_only=True)
+    print(f"host: {cpu()}")
+    print(f"{a.size} LLaMA shape, float32; {len(reqs)} loglikelihood "
           f"requests ({a.docs} contexts x {a.choices} choices, {tokens / len(reqs):.0f} "
           f"tokens each on average), batch {a.batch}; lm-eval {lm_eval.__version__}")
     print(f"same texts after EOS: max |crystal - hf| log-likelihood {diff:.2e} nats")
@@ -105,6 +112,10 @@ def main():
     for k in ("crystal", "hf"):
         print(f"{k:>8} {rate[k]:>10,.1f} requests/s  {rate[k] * tokens / len(reqs):>10,.0f} "
               f"tokens/s")
+    if "torch" in gemm:
+        print(f"gemm (forward projections, {a.batch} x {round(tokens / len(reqs))} tokens): "
+              f"xla {gemm['xla']:.0f} GFLOP/s, torch {gemm['torch']:.0f} GFLOP/s, ratio "
+              f"xla/torch={gemm['xla'] / gemm['torch']:.2f}")
     print(f"ratio crystal/hf={rate['crystal'] / rate['hf']:.2f}")
 
 

@@ -152,13 +152,14 @@ def litgpt_step(cfg):
     return _torch_step(lambda: GPT(lc), lambda net, x: net(x), cfg)
 
 
-def gemm_rates(cfg, rounds: int) -> dict:
+def gemm_rates(cfg, rounds: int, forward_only: bool = False) -> dict:
     """{'xla' | 'torch': GFLOP/s} of the step's projection matmuls alone, float32.
 
     For each projection shape (D->D, D->F, F->D over the B*L tokens) the three products a
-    train step runs: forward x @ W, input gradient dy @ W^T, weight gradient x^T @ dy. Most
-    of a step is these, so this ratio bounds what any framework built on that library can
-    reach against the other at this size.
+    train step runs: forward x @ W, input gradient dy @ W^T, weight gradient x^T @ dy (the
+    forward alone with `forward_only`: what scoring and decoding run). Most of a step is
+    these, so this ratio bounds what any framework built on that library can reach against
+    the other at this size.
     """
     m = cfg.model
     n_tok = cfg.train.global_batch_size * cfg.data.seq_len
@@ -166,14 +167,16 @@ def gemm_rates(cfg, rounds: int) -> dict:
     shapes = [(m.d_model, m.d_model), (m.d_model, m.ffn_dim), (m.ffn_dim, m.d_model)]
     arrs = [(rng.standard_normal((n_tok, i), np.float32), rng.standard_normal((i, o), np.float32),
              rng.standard_normal((n_tok, o), np.float32)) for i, o in shapes]
-    flops = sum(3 * 2 * n_tok * i * o for i, o in shapes)
+    products = 1 if forward_only else 3
+    flops = sum(products * 2 * n_tok * i * o for i, o in shapes)
     fwd, dx, dw = (jax.jit(lambda x, w: x @ w), jax.jit(lambda dy, w: dy @ w.T),
                    jax.jit(lambda x, dy: x.T @ dy))
     jarrs = [tuple(jnp.asarray(a) for a in t) for t in arrs]
 
     def xla():
         for x, w, dy in jarrs:
-            jax.block_until_ready((fwd(x, w), dx(dy, w), dw(x, dy)))
+            jax.block_until_ready((fwd(x, w),) if forward_only else
+                                  (fwd(x, w), dx(dy, w), dw(x, dy)))
     steps = {"xla": xla}
     try:
         import torch   # optional: the bench extra (without it, XLA alone)
@@ -181,7 +184,10 @@ def gemm_rates(cfg, rounds: int) -> dict:
 
         def mkl():
             for x, w, dy in tarrs:
-                x @ w, dy @ w.T, x.T @ dy
+                if forward_only:
+                    x @ w
+                else:
+                    x @ w, dy @ w.T, x.T @ dy
         steps["torch"] = mkl
     except ImportError:
         pass

@@ -99,3 +99,15 @@ def test_decode_benchmark_prints_the_ratio_line_last():
     assert same and float(same[1]) >= 50, out.stdout
     last = re.fullmatch(r"ratio decode=(\S+) prefill=(\S+) memorization=(\S+)", lines[-1])
     assert last and all(float(x) > 0 for x in last.groups()), lines[-1]
+
+
+def test_lm_eval_loglikelihood_benchmark_agrees_with_hf_and_prints_the_ratio_last():
+    """The smallest run: the same weights through crystal's lm-eval model and lm-eval's
+    own hf model give the same log-likelihoods, and the output contract holds."""
+    lines = _run("benchmarks/lm_eval_loglikelihood.py", "--size=7M", "--docs=4",
+                 "--choices=2", "--batch=4", "--rounds=1")
+    diff = re.search(r"max \|crystal - hf\| log-likelihood (\S+) nats", "\n".join(lines))
+    assert diff and float(diff[1]) < 1e-3, lines
+    assert re.fullmatch(r"gemm \(forward projections, 4 x \d+ tokens\): xla \d+ GFLOP/s, "
+                        r"torch \d+ GFLOP/s, ratio xla/torch=\d+\.\d\d", lines[-2]), lines[-2]
+    assert float(re.fullmatch(r"ratio crystal/hf=(\d+\.\d\d)", lines[-1])[1]) > 0

@@ -176,3 +176,10 @@ def test_a_checkpoint_of_another_config_is_refused(copy_run, capsys):
     assert eval_cli.main([f"--workdir={copy_run}", "--tasks=lm_eval:crystal_mc"]) == 2
     assert "a checkpoint of another config" in capsys.readouterr().err
     assert not records.evals_dir(copy_run).exists()
+
+
+def test_batch_lengths_waste_under_a_quarter_and_compile_few_programs():
+    lengths = [scoring.padded_length(n) for n in range(1, 2049)]
+    assert all(n <= p < max(1.25 * n, scoring.MIN_LENGTH + 1)
+               for n, p in zip(range(1, 2049), lengths))
+    assert len(set(lengths)) <= 4 * 7 + 1        # four per doubling from 16 to 2,048
