@@ -100,12 +100,12 @@ def main():
                                  "hf": lambda: theirs.loglikelihood(reqs, True)},
                                 a.rounds, warmup=1, settle=0.3)
     tokens = sum(len(tok.encode(c + t)) + 1 for c, t in pairs)
+    per_request = round(tokens / len(reqs))
     # the matrix library's own limit: the forward projections over one batch of requests
-    gemm = gemm_rates(crystal_cfg(a.size, round(tokens / len(reqs)), a.batch), a.rounds,
-                      forward_only=True)
+    gemm = gemm_rates(crystal_cfg(a.size, per_request, a.batch), a.rounds, forward_only=True)
     print(f"host: {cpu()}")
     print(f"{a.size} LLaMA shape, float32; {len(reqs)} loglikelihood "
-          f"requests ({a.docs} contexts x {a.choices} choices, {tokens / len(reqs):.0f} "
+          f"requests ({a.docs} contexts x {a.choices} choices, {per_request} "
           f"tokens each on average), batch {a.batch}; lm-eval {lm_eval.__version__}")
     print(f"same texts after EOS: max |crystal - hf| log-likelihood {diff:.2e} nats")
     rate = {k: len(reqs) / v for k, v in best.items()}
@@ -113,7 +113,7 @@ def main():
         print(f"{k:>8} {rate[k]:>10,.1f} requests/s  {rate[k] * tokens / len(reqs):>10,.0f} "
               f"tokens/s")
     if "torch" in gemm:
-        print(f"gemm (forward projections, {a.batch} x {round(tokens / len(reqs))} tokens): "
+        print(f"gemm (forward projections, {a.batch} x {per_request} tokens): "
               f"xla {gemm['xla']:.0f} GFLOP/s, torch {gemm['torch']:.0f} GFLOP/s, ratio "
               f"xla/torch={gemm['xla'] / gemm['torch']:.2f}")
     print(f"ratio crystal/hf={rate['crystal'] / rate['hf']:.2f}")

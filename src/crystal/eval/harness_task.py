@@ -30,7 +30,6 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import handle_non_serializable
 
 from crystal import fileio
-from crystal.data import replay
 from crystal.errors import UsageError
 from crystal.eval import figures
 from crystal.eval import harness
@@ -105,9 +104,7 @@ def _run(name: str, lm, settings: dict, tm: TaskManager, seed: int) -> dict:
 def evaluate(name: str, ckpt, params, cfg, ctx) -> Result:
     s = ctx.settings
     tm = task_manager(name, s["include_path"])
-    if ("run_tokenizer",) not in ctx.cache:
-        ctx.cache[("run_tokenizer",)] = replay.run_tokenizer(ctx.workdir)
-    lm = harness.CrystalLM(params, cfg, ctx.cache[("run_tokenizer",)], ctx.decoder,
+    lm = harness.CrystalLM(params, cfg, ctx.tokenizer(), ctx.decoder,
                            s["batch_size"], seed=ctx.seed, info=dict(step=ckpt.step))
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     out = _run(name, lm, s, tm, ctx.seed)

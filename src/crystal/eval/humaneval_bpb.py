@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-from crystal.data import replay
 from crystal.errors import UsageError
 from crystal.eval import figures, scoring
 from crystal.eval import humaneval as he
@@ -38,18 +37,11 @@ def check(settings: dict) -> None:
     selected(settings, "humaneval_bpb")
 
 
-def tokenizer(ctx):
-    """The run's tokenizer, read once per sweep."""
-    if ("run_tokenizer",) not in ctx.cache:
-        ctx.cache[("run_tokenizer",)] = replay.run_tokenizer(ctx.workdir)
-    return ctx.cache[("run_tokenizer",)]
-
-
 def bits_per_byte(params, cfg, ctx, problems: list[he.Problem], batch_size: int):
     """(metrics {bpb, bpb_pooled}, per-problem rows) of the canonical solutions."""
     key = ("humaneval_bpb", len(problems))
     if key not in ctx.cache:
-        tok = tokenizer(ctx)
+        tok = ctx.tokenizer()
         ctx.cache[key] = [scoring.encode_pair(tok, p.prompt, p.canonical_solution)
                           for p in problems]
     scores = scoring.Scorer(params, cfg, batch_size).score(ctx.cache[key])

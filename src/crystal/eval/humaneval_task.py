@@ -80,7 +80,7 @@ def evaluate(ckpt, params, cfg, ctx) -> Result:
     s = ctx.settings
     problems = bpb_lib.selected(s, NAME)
     box, limits = _sandbox(ctx, problems, s["workers"])
-    gen = generate_lib.Generator(ctx.decoder(), bpb_lib.tokenizer(ctx))
+    gen = generate_lib.Generator(ctx.decoder(), ctx.tokenizer())
     sampled = he.evaluate(_complete(gen, problems, s, decode_lib.Sampling(
         s["temperature"], s["top_p"], ctx.seed), s["num_samples"]), box, limits=limits,
         workers=s["workers"] or None)

@@ -369,7 +369,7 @@ def _wait(proc: subprocess.Popen, deadline: float) -> tuple[int, bool]:
 
 
 def _run(isolation: Isolation, program: str, limits: Limits) -> Result:
-    run_id = f"{os.getpid()}-{secrets.token_hex(8)}"  # own_marker() finds this process's
+    run_id = f"{os.getpid()}-{secrets.token_hex(8)}"  # pid first, for own_marker()
     workdir = None
     if isolation.name == "plain":  # the other levels work in their own tmpfs
         workdir = tempfile.mkdtemp(prefix="crystal-sandbox-")

@@ -184,6 +184,7 @@ def _evaluate_all(workdir, cfg, reader, ckpts, jobs, seed, flags, mesh, progress
     run = dict(config_name=cfg.name, fingerprint=config_lib.fingerprint(cfg),
                data_sha256=ckpts[0].meta.get("data_sha256") if ckpts else None)
     cache: dict = {}
+    tokenizer = _run_tokenizer(workdir, cache)
     done = dict(evaluated=0, skipped=0, checkpoints=[c.step for c in ckpts], cache=cache)
     bar = tqdm(total=len(ckpts) * len(jobs), unit="eval", dynamic_ncols=True,
                disable=not (progress and sys.stderr.isatty()))
@@ -202,7 +203,7 @@ def _evaluate_all(workdir, cfg, reader, ckpts, jobs, seed, flags, mesh, progress
                     continue
                 t0 = time.perf_counter()
                 job.ctx = tasks_lib.Context(workdir, cfg, job.settings, seed, flags, cache,
-                                            params.decoder)
+                                            params.decoder, tokenizer)
                 result = job.task.evaluate(ckpt, params.get(), cfg, job.ctx)
                 rec = rec_lib.make(job.task.name, ckpt, workdir, params.sha256, run,
                                    job.settings, seed, result)
@@ -224,6 +225,16 @@ def _evaluate_all(workdir, cfg, reader, ckpts, jobs, seed, flags, mesh, progress
         if writer is not None:
             writer.close()
     return done
+
+
+def _run_tokenizer(workdir: Path, cache: dict):
+    """Context.tokenizer: the run's tokenizer, read on first use and kept in the sweep's
+    cache for every checkpoint and task."""
+    def tokenizer():
+        if "run tokenizer" not in cache:
+            cache["run tokenizer"] = replay.run_tokenizer(workdir)
+        return cache["run tokenizer"]
+    return tokenizer
 
 
 def _brief(metrics: dict) -> str:
@@ -250,7 +261,7 @@ def _summarize(workdir: Path, cfg, jobs, seed, flags, cache) -> list[str]:
                 all((marker.parent / f).exists() for f in last.get("files", ())):
             continue
         ctx = job.ctx or tasks_lib.Context(workdir, cfg, job.settings, seed, flags, cache,
-                                           None)
+                                           None, _run_tokenizer(workdir, cache))
         files = [Path(p) for p in job.task.summarize(recs, marker.parent, ctx)]
         fileio.write_json(marker, dict(records=key, files=[f.name for f in files]))
         out += [str(f) for f in files]

@@ -8,10 +8,11 @@ one line in REGISTRY or FAMILIES below. The sweep (crystal.eval.sweep) calls
 
 once per (checkpoint, task) and writes the record; everything a task needs beyond the
 checkpoint comes through `ctx` (the workdir, its settings, the seed, the sweep's flags, a
-decoder for these params, and a per-sweep `cache` for what is the same for every checkpoint:
-an eval set, a sandbox's timing). A task's settings are JSON values with defaults here,
-overridden by `--settings=TASK.FIELD=VALUE`; they and the seed are hashed into the record's
-identity, so records of other settings never mix (or overwrite each other).
+decoder for these params, the run's tokenizer, and a per-sweep `cache` for what is the same
+for every checkpoint: an eval set, a sandbox's timing). A task's settings are JSON values
+with defaults here, overridden by `--settings=TASK.FIELD=VALUE`; they and the seed are
+hashed into the record's identity, so records of other settings never mix (or overwrite
+each other).
 
 Why a Result and not a finished record: provenance (checkpoint hash, code commit, settings
 hash, status) is the sweep's job, the same for every task; a task returns only what it
@@ -74,7 +75,8 @@ class Result:
 @dataclasses.dataclass
 class Context:
     """What a task sees besides the checkpoint: see the module docstring. `decoder()` is
-    the cached decoder (crystal.decode.Decoder) over the current checkpoint's params."""
+    the cached decoder (crystal.decode.Decoder) over the current checkpoint's params;
+    `tokenizer()` the run's tokenizer (WORKDIR/data/tokenizer.model), read once per sweep."""
     workdir: Path
     cfg: Any
     settings: dict
@@ -82,6 +84,7 @@ class Context:
     flags: dict
     cache: dict
     decoder: Callable[[], Any]
+    tokenizer: Callable[[], Any]
 
 
 @dataclasses.dataclass(frozen=True)
